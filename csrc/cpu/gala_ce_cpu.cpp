@@ -1,0 +1,105 @@
+// CPU implementation of gala::fused_ce_fwd: argument checks, allocation, and the dispatch to
+// the kernel compiled for this machine's widest vector ISA.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../ops.h"
+#include "gala_ce_kernel.h"
+
+namespace gala::cpu {
+namespace {
+
+using KernelFn = void (*)(const GalaCeParams&);
+
+// at::get_cpu_capability() honours ATEN_CPU_CAPABILITY, like PyTorch's own kernels.
+KernelFn select_kernel() {
+  static const KernelFn kernel = [] {
+    const std::string capability = at::get_cpu_capability();
+#ifdef GALA_HAVE_AVX512
+    if (capability == "AVX512") return &AVX512::gala_ce_forward_kernel;
+#endif
+#ifdef GALA_HAVE_AVX2
+    if (capability == "AVX512" || capability == "AVX2") return &AVX2::gala_ce_forward_kernel;
+#endif
+    return &DEFAULT::gala_ce_forward_kernel;
+  }();
+  return kernel;
+}
+
+// Labels must be in [0, C) or equal ignore_index; the message names the first bad value.
+// Returns N, the number of non-ignored rows.
+int64_t check_labels(const at::Tensor& labels, int64_t C, int64_t ignore_index) {
+  const int64_t* y = labels.data_ptr<int64_t>();
+  int64_t n_valid = 0;
+  for (int64_t i = 0; i < labels.numel(); ++i) {
+    if (y[i] == ignore_index) continue;
+    TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "labels[", i, "] = ", y[i], " is out of range: labels must be in [0, ", C,
+                      ") or equal ignore_index=", ignore_index);
+    ++n_valid;
+  }
+  return n_valid;
+}
+
+FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in,
+                                const std::optional<at::Tensor>& class_bias, int64_t ignore_index,
+                                int64_t reduction, bool compute_stats, bool track_pairwise) {
+  check_fused_ce_args(logits_in, labels_in, class_bias, reduction);
+  // Rows may be strided; columns must be unit-stride for the vector loads.
+  const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
+  const at::Tensor labels = labels_in.contiguous();
+  const at::Tensor bias = class_bias.has_value() ? class_bias->contiguous() : at::Tensor();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const int64_t n_valid = check_labels(labels, C, ignore_index);
+
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor grad = at::empty({B, C}, logits.options());
+  at::Tensor loss_rows = at::empty({B}, logits.options().dtype(at::kDouble));
+  at::Tensor raw_stats = compute_stats ? at::zeros({3, C}, f32) : at::empty({0}, f32);
+  at::Tensor raw_pairwise = compute_stats && track_pairwise ? at::zeros({C, C}, f32) : at::empty({0}, f32);
+  int64_t nonfinite = 0;
+
+  const auto mode = static_cast<Reduction>(reduction);
+  GalaCeParams params{};
+  params.logits = logits.data_ptr();
+  params.labels = labels.data_ptr<int64_t>();
+  params.class_bias = bias.defined() ? bias.data_ptr() : nullptr;
+  params.grad = grad.data_ptr();
+  params.loss_rows = loss_rows.data_ptr<double>();
+  params.raw_stats = compute_stats ? raw_stats.data_ptr<float>() : nullptr;
+  params.raw_pairwise = compute_stats && track_pairwise ? raw_pairwise.data_ptr<float>() : nullptr;
+  params.nonfinite_rows = &nonfinite;
+  params.batch = B;
+  params.num_classes = C;
+  params.logits_row_stride = logits.stride(0);
+  params.ignore_index = ignore_index;
+  // w_i = 1/N for "mean" (N = 0: no row is weighted, the value is unused), 1 otherwise
+  params.row_weight = mode == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
+  params.dtype = logits.scalar_type();
+  if (B > 0) select_kernel()(params);
+
+  at::Tensor loss;
+  if (mode == Reduction::None) {
+    loss = loss_rows.to(logits.scalar_type());
+  } else {
+    const double total = loss_rows.sum().item<double>();
+    const double value = mode == Reduction::Sum ? total
+                         : n_valid > 0          ? total / static_cast<double>(n_valid)
+                                                : std::numeric_limits<double>::quiet_NaN();
+    loss = at::scalar_tensor(value, logits.options());
+  }
+  at::Tensor counts = at::empty({2}, logits.options().dtype(at::kLong));
+  counts[0] = n_valid;
+  counts[1] = nonfinite;
+  return {loss, grad, raw_stats, raw_pairwise, counts};
+}
+
+}  // namespace
+}  // namespace gala::cpu
+
+TORCH_LIBRARY_IMPL(gala, CPU, m) {
+  m.impl("fused_ce_fwd", &gala::cpu::fused_ce_fwd_cpu);
+}

@@ -1,0 +1,57 @@
+// The schemas of every gala_kernels op, defined once. Device implementations register
+// themselves with TORCH_LIBRARY_IMPL in their own files.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(gala, m) {
+  // Fused GALA cross-entropy forward. Returns
+  //   loss          logits dtype; (B,) for reduction=None(0), () for Mean(1) and Sum(2)
+  //   grad          (B, C) logits dtype, dloss/dlogits for grad_output = 1
+  //   raw_stats     (3, C) float32 raw sums [pos, neg, cls_neg] before the 1/N scale, or (0,)
+  //   raw_pairwise  (C, C) float32 raw pairwise sums, or (0,)
+  //   counts        (2,) int64 [N non-ignored rows, non-ignored rows with a non-finite logit]
+  // class_bias is lambda1 * log(pos_grad + eps) in the math dtype, or None for plain CE.
+  m.def(
+      "fused_ce_fwd(Tensor logits, Tensor labels, Tensor? class_bias, int ignore_index, "
+      "int reduction, bool compute_stats, bool track_pairwise) -> "
+      "(Tensor loss, Tensor grad, Tensor raw_stats, Tensor raw_pairwise, Tensor counts)");
+}
+
+namespace gala {
+
+void check_fused_ce_args(const at::Tensor& logits, const at::Tensor& labels,
+                         const std::optional<at::Tensor>& class_bias, int64_t reduction) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D (B, C), got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have at least one class, got shape ", logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "logits must be float32, float64, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == logits.size(0),
+                    "labels must have shape (B,) = (", logits.size(0), ",), got ", labels.sizes());
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels are on ", labels.device(),
+                    " but logits are on ", logits.device());
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
+  if (class_bias.has_value()) {
+    const auto& bias = *class_bias;
+    const auto math_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == logits.size(1),
+                      "class_bias must have shape (C,) = (", logits.size(1), ",), got ", bias.sizes());
+    TORCH_CHECK_TYPE(bias.scalar_type() == math_dtype, "class_bias must be ", math_dtype, " for ", dtype,
+                     " logits, got ", bias.scalar_type());
+    TORCH_CHECK_VALUE(bias.device() == logits.device(), "class_bias is on ", bias.device(),
+                      " but logits are on ", logits.device());
+  }
+}
+
+}  // namespace gala
+
+// gala_kernels._C is imported as a Python module only to load the library above (its static
+// initialisers register the ops); it defines no Python functions itself.
+#include <Python.h>
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "gala_kernels native ops", -1, nullptr};
+  return PyModule_Create(&module_def);
+}

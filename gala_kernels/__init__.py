@@ -1,0 +1,15 @@
+"""gala_kernels: fused GALA (Gradient-Aware Logit Adjustment) loss kernels.
+
+See SPEC.md of the project for the exact contract; the public names are::
+
+    GALAState, GALALoss, fused_gala_ce, reference.gala_ce
+"""
+
+from . import _extension, backends, reference
+from .loss import GALALoss, fused_gala_ce
+from .state import GALAState
+
+_extension.load()  # warns once, with the reason, when the compiled ops are missing
+
+__all__ = ["GALAState", "GALALoss", "fused_gala_ce", "reference", "backends"]
+__version__ = "0.1.0"

@@ -1,0 +1,48 @@
+"""Loads the compiled extension ``gala_kernels._C`` once; records why when it cannot.
+
+``import gala_kernels`` must work without it (the ``"torch"`` backend serves), so a missing or
+broken extension only warns, once, with the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+_loaded: Optional[bool] = None
+_reason: str = ""
+
+
+def load() -> bool:
+    """Import ``gala_kernels._C`` (which registers the ``torch.ops.gala`` ops); True on success."""
+    global _loaded, _reason
+    if _loaded is None:
+        try:
+            from . import _C  # noqa: F401
+
+            _loaded = True
+        except Exception as exc:  # ImportError, or an OSError/undefined symbol from a stale build
+            _loaded = False
+            _reason = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                "gala_kernels: the compiled extension gala_kernels._C could not be loaded "
+                f"({_reason}); the 'cpu' and 'cuda' backends are unavailable and the 'torch' "
+                "backend serves. Build it with `pip install --no-build-isolation -e .`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _loaded
+
+
+def unavailable_reason() -> str:
+    load()
+    return _reason
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether ``torch.ops.gala.<op_name>`` has an implementation for ``dispatch_key``."""
+    if not load():
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gala::{op_name}", dispatch_key)

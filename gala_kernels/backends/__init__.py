@@ -1,0 +1,105 @@
+"""Which backend computes a call, and why a backend asked for by name is unavailable.
+
+Backends (SPEC.md): ``"torch"`` (the reference), ``"cpu"`` (C++ op), ``"triton"`` (GPU, or CPU
+tensors under ``TRITON_INTERPRET=1``), ``"cuda"`` (CUDA C++ op). ``"auto"`` picks the fastest
+one built for the tensor's device: ``cpu`` for CPU tensors (else ``torch``); on CUDA tensors the
+rule in :func:`auto_cuda_backend`.
+
+Each backend except ``torch`` is a custom op with the schema of ``gala::fused_ce_fwd``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .. import _extension, ops
+
+BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend asked for by name cannot run here; the message says why and how to get it."""
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("gala_kernels.backends.triton_gala")
+    except ImportError:
+        return None
+
+
+def availability(name: str, device: torch.device) -> Tuple[bool, str]:
+    """``(available, reason_if_not)`` for backend ``name`` on ``device``."""
+    if name == "torch":
+        return True, ""
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"the 'cpu' backend runs on CPU tensors, got a tensor on {device}"
+        if ops.native_fused_ce() is None:
+            return False, (
+                "the compiled extension gala_kernels._C is not loaded "
+                f"({_extension.unavailable_reason()}); build it with "
+                "`pip install --no-build-isolation -e .`"
+            )
+        return True, ""
+    if name == "cuda":
+        if device.type != "cuda":
+            return False, f"the 'cuda' backend runs on CUDA tensors, got a tensor on {device}"
+        ops.native_fused_ce()
+        if not _extension.has_kernel("fused_ce_fwd", "CUDA"):
+            return False, (
+                "gala_kernels._C was built without CUDA kernels; rebuild with a CUDA build of torch "
+                "and nvcc on PATH: `pip install --no-build-isolation -e .`"
+            )
+        return True, ""
+    if name == "triton":
+        module = _triton_module()
+        if module is None:
+            return False, "Triton is not installed (`pip install triton`)"
+        return module.availability(device)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def auto_cuda_backend(logits: torch.Tensor) -> str:
+    """The backend ``"auto"`` uses for a CUDA tensor (see bench/results/ for the measurements)."""
+    for name in ("triton", "cuda"):
+        if availability(name, logits.device)[0]:
+            return name
+    return "torch"
+
+
+def resolve(backend: str, logits: torch.Tensor) -> str:
+    """The concrete backend for ``logits``; raises with the reason if a named one cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = logits.device
+    if backend == "auto":
+        if device.type == "cuda":
+            return auto_cuda_backend(logits)
+        if device.type == "cpu" and availability("cpu", device)[0]:
+            return "cpu"
+        return "torch"
+    ok, reason = availability(backend, device)
+    if not ok:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def fused_ce_op(name: str) -> Callable:
+    """The forward op of a fused backend (not ``"torch"``)."""
+    if name in ("cpu", "cuda"):
+        op: Optional[Callable] = ops.native_fused_ce()
+    elif name == "triton":
+        op = _triton_module().fused_ce_op()
+    else:
+        raise ValueError(f"no fused op for backend {name!r}")
+    assert op is not None
+    return op
+
+
+def triton_interpret_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

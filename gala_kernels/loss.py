@@ -1,0 +1,154 @@
+"""The public loss API: ``fused_gala_ce`` and ``GALALoss`` (SPEC.md, "Public API")."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import backends, reference
+from .ops import REDUCTION_CODES
+from .state import GALAState
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_inputs(logits: torch.Tensor, labels: torch.Tensor, state: Optional[GALAState], reduction: str,
+                 ignore_index: int) -> None:
+    """Validate every argument before anything runs, naming the argument that is wrong."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a 2-D tensor (B, C), got {shape}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, float64, bfloat16 or float16, got {logits.dtype}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must have shape (B,) = ({logits.shape[0]},), got {shape}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    if reduction not in REDUCTION_CODES:
+        raise ValueError(f"reduction must be one of {tuple(REDUCTION_CODES)}, got {reduction!r}")
+    if state is not None:
+        if not isinstance(state, GALAState):
+            raise TypeError(f"state must be a GALAState or None, got {type(state).__name__}")
+        if state.num_classes != logits.shape[1]:
+            raise ValueError(
+                f"state has num_classes={state.num_classes} but logits have C={logits.shape[1]} classes"
+            )
+        if state.pos_grad.device != logits.device:
+            raise ValueError(f"state is on {state.pos_grad.device} but logits are on {logits.device}")
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise ValueError naming the first label outside ``[0, C)`` that is not ``ignore_index``.
+
+    One reduction (and, on a GPU, one host synchronisation). Skipped while torch.compile traces,
+    where the kernels themselves never read out of bounds.
+    """
+    if torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels[{index}] = {int(labels[index])} is out of range: labels must be in "
+            f"[0, {num_classes}) or equal ignore_index={ignore_index}"
+        )
+
+
+def fused_gala_ce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    state: Optional[GALAState] = None,
+    *,
+    lambda1: float = 1.2,
+    lambda2: float = 0.9,
+    eps: float = 1e-3,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    update_state: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GALA cross-entropy with the per-class statistics update, fused in one pass over the logits.
+
+    ``state=None`` gives plain cross-entropy through the same kernel (evaluation semantics). With a
+    state, the logits are shifted by ``lambda1 * log(state.pos_grad + eps)`` (the state as it was
+    before this call) and, if ``update_state``, the step's statistics are folded in afterwards.
+
+    ``lambda2`` multiplies ``log(neg_grad[y_i] + eps)``, a term constant along each row: it changes
+    neither the loss nor any gradient (softmax is shift-invariant), as in the authors' formulation.
+    It is kept for parity; the fused kernels skip it.
+    """
+    check_inputs(logits, labels, state, reduction, ignore_index)
+    name = backends.resolve(backend, logits)
+    if name != "cpu":  # the C++ CPU op checks the labels itself, with the same message
+        check_label_range(labels, logits.shape[1], ignore_index)
+    if name == "torch":
+        return reference.gala_ce(
+            logits, labels, state, lambda1=lambda1, lambda2=lambda2, eps=eps, reduction=reduction,
+            ignore_index=ignore_index, update_state=update_state,
+        )
+    compute_stats = state is not None and update_state
+    pairwise = compute_stats and state.pairwise is not None
+    bias = None
+    if state is not None:
+        bias = reference.class_bias(state, lambda1, eps, reference.compute_dtype(logits.dtype))
+    op = backends.fused_ce_op(name)
+    loss, _grad, raw, raw_pairwise, counts = op(
+        logits, labels, bias, ignore_index, REDUCTION_CODES[reduction], compute_stats, pairwise
+    )
+    if compute_stats:
+        stats = reference.StepStatistics(raw, raw_pairwise if pairwise else None, counts)
+        reference.fold_increments(state, stats)
+    return loss
+
+
+class GALALoss(nn.Module):
+    """GALA loss as a module that owns its :class:`GALAState` (``self.state``).
+
+    Training mode: margins from the state, statistics updated every call. Evaluation mode: plain
+    ``cross_entropy(logits, labels)``, no margins, the state untouched (SPEC.md).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        lambda1: float = 1.2,
+        lambda2: float = 0.9,
+        eps: float = 1e-3,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        accumulation: str = "cumulative",
+        ema_beta: float = 0.99,
+        track_pairwise: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if reduction not in REDUCTION_CODES:
+            raise ValueError(f"reduction must be one of {tuple(REDUCTION_CODES)}, got {reduction!r}")
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+        self.state = GALAState(
+            num_classes, accumulation=accumulation, ema_beta=ema_beta, track_pairwise=track_pairwise
+        )
+        self.lambda1, self.lambda2, self.eps = float(lambda1), float(lambda2), float(eps)
+        self.reduction, self.ignore_index, self.backend = reduction, int(ignore_index), backend
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return fused_gala_ce(
+            logits, labels, self.state if self.training else None, lambda1=self.lambda1,
+            lambda2=self.lambda2, eps=self.eps, reduction=self.reduction, ignore_index=self.ignore_index,
+            update_state=self.training, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"lambda1={self.lambda1}, lambda2={self.lambda2}, eps={self.eps}, "
+            f"reduction={self.reduction!r}, backend={self.backend!r}"
+        )

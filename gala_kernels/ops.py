@@ -1,0 +1,74 @@
+"""Python side of the fused ops: fake (meta) implementations and autograd registrations.
+
+Every backend's forward op has the schema of ``gala::fused_ce_fwd`` (csrc/torch_bindings.cpp)::
+
+    (logits, labels, class_bias?, ignore_index, reduction, compute_stats, track_pairwise)
+        -> (loss, grad, raw_stats, raw_pairwise, counts)
+
+The gradient is computed in the forward; backward only scales it by ``grad_output`` and skips
+even that, in eager mode, when ``grad_output`` is 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _extension
+
+REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
+_NONE = REDUCTION_CODES["none"]
+
+
+def fused_ce_fake(logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise):
+    """Shapes and dtypes of the fused forward's outputs (used by torch.compile / FakeTensor)."""
+    torch._check(logits.dim() == 2, lambda: "logits must be 2-D")
+    torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0], lambda: "labels must be (B,)")
+    B, C = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    loss = logits.new_empty((B,) if reduction == _NONE else ())
+    grad = logits.new_empty((B, C))
+    raw_stats = torch.empty((3, C) if compute_stats else (0,), **f32)
+    raw_pairwise = torch.empty((C, C) if compute_stats and track_pairwise else (0,), **f32)
+    counts = torch.empty((2,), dtype=torch.int64, device=logits.device)
+    return loss, grad, raw_stats, raw_pairwise, counts
+
+
+def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int) -> torch.Tensor:
+    """``dloss/dlogits = grad * grad_output`` (per row for reduction "none")."""
+    if reduction == _NONE:
+        return grad * grad_output.unsqueeze(1).to(grad.dtype)
+    if not torch.compiler.is_compiling() and bool(grad_output == 1):
+        return grad  # the common case: loss.backward() on the mean loss, nothing to scale
+    return grad * grad_output.to(grad.dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[4]
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, *_grads_of_other_outputs):
+    (grad,) = ctx.saved_tensors
+    grad_logits = scale_saved_grad(grad, grad_loss, ctx.reduction)
+    num_other_inputs = 6  # labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise
+    return (grad_logits,) + (None,) * num_other_inputs
+
+
+def register_fused_ce(op) -> None:
+    """Give a forward op with the fused_ce_fwd schema its fake implementation and autograd."""
+    torch.library.register_fake(op)(fused_ce_fake)
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+_registered_native = False
+
+
+def native_fused_ce():
+    """``torch.ops.gala.fused_ce_fwd`` from the compiled extension, registered on first use."""
+    global _registered_native
+    if not _extension.load():
+        return None
+    if not _registered_native:
+        register_fused_ce("gala::fused_ce_fwd")
+        _registered_native = True
+    return torch.ops.gala.fused_ce_fwd

@@ -1,0 +1,103 @@
+"""``GALAState``: the per-class gradient statistics that GALA accumulates, as module buffers."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .reference import ACCUMULATIONS
+
+
+class GALAState(nn.Module):
+    """Per-class gradient statistics (SPEC.md "State"), kept as float32 buffers.
+
+    - ``pos_grad`` (theta): accumulated positive logit-gradient magnitude of each class;
+    - ``neg_grad`` (phi): accumulated negative gradient, attributed to the sample's class;
+    - ``cls_neg_grad`` (psi): accumulated negative gradient received by each classifier column;
+    - ``pairwise`` (Phi, ``(C, C)``, only with ``track_pairwise``): ``Phi[j, k]`` is the gradient
+      magnitude column ``j`` received from samples of class ``k``;
+    - ``steps`` and ``nonfinite_rows``: int64 counters.
+
+    With ``accumulation="cumulative"`` the raw running sums ``R`` of the authors' scheme are
+    buffers too (``running_*``), so a ``state_dict`` round trip resumes exactly. Being an
+    ``nn.Module`` of buffers, ``.to()``, ``state_dict()`` and DDP broadcasting just work.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        accumulation: str = "cumulative",
+        ema_beta: float = 0.99,
+        track_pairwise: bool = False,
+        device=None,
+    ):
+        super().__init__()
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if accumulation not in ACCUMULATIONS:
+            raise ValueError(f"accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}")
+        if not 0.0 <= float(ema_beta) < 1.0:
+            raise ValueError(f"ema_beta must be in [0, 1), got {ema_beta!r}")
+        self.num_classes = num_classes
+        self.accumulation = accumulation
+        self.ema_beta = float(ema_beta)
+        self.track_pairwise = bool(track_pairwise)
+
+        def zeros(*shape, dtype=torch.float32):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        C = num_classes
+        self.register_buffer("pos_grad", zeros(C))
+        self.register_buffer("neg_grad", zeros(C))
+        self.register_buffer("cls_neg_grad", zeros(C))
+        self.register_buffer("pairwise", zeros(C, C) if track_pairwise else None)
+        cumulative = accumulation == "cumulative"
+        self.register_buffer("running_pos_grad", zeros(C) if cumulative else None)
+        self.register_buffer("running_neg_grad", zeros(C) if cumulative else None)
+        self.register_buffer("running_cls_neg_grad", zeros(C) if cumulative else None)
+        self.register_buffer("running_pairwise", zeros(C, C) if cumulative and track_pairwise else None)
+        self.register_buffer("steps", zeros((), dtype=torch.int64))
+        self.register_buffer("nonfinite_rows", zeros((), dtype=torch.int64))
+
+    @property
+    def stat_vectors(self) -> List[torch.Tensor]:
+        """``[pos_grad, neg_grad, cls_neg_grad]``, in the order of the kernels' raw sums."""
+        return [self.pos_grad, self.neg_grad, self.cls_neg_grad]
+
+    @property
+    def running_vectors(self) -> List[Optional[torch.Tensor]]:
+        return [self.running_pos_grad, self.running_neg_grad, self.running_cls_neg_grad]
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Zero every statistic and counter."""
+        for buffer in self.buffers():
+            buffer.zero_()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for name in ("pos_grad", "neg_grad", "cls_neg_grad"):
+            saved = state_dict.get(prefix + name)
+            if saved is not None and saved.shape != (self.num_classes,):
+                raise ValueError(
+                    f"GALAState checkpoint mismatch: {prefix + name} has shape {tuple(saved.shape)}, "
+                    f"but this state has num_classes={self.num_classes}"
+                )
+        for name in ("pairwise", "running_pos_grad", "running_pairwise"):
+            mine = getattr(self, name)
+            if (prefix + name in state_dict) != (mine is not None):
+                raise ValueError(
+                    f"GALAState checkpoint mismatch: {prefix + name} is "
+                    f"{'present' if prefix + name in state_dict else 'absent'} in the checkpoint but "
+                    f"{'absent' if mine is None else 'present'} here (accumulation={self.accumulation!r}, "
+                    f"track_pairwise={self.track_pairwise})"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, accumulation={self.accumulation!r}, "
+            f"ema_beta={self.ema_beta}, track_pairwise={self.track_pairwise}"
+        )
