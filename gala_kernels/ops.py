@@ -19,7 +19,8 @@ REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 _NONE = REDUCTION_CODES["none"]
 
 
-def fused_ce_fake(logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise):
+def fused_ce_fake(logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise,
+                  *extra_inputs):
     """Shapes and dtypes of the fused forward's outputs (used by torch.compile / FakeTensor)."""
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D")
     torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0], lambda: "labels must be (B,)")
@@ -33,25 +34,31 @@ def fused_ce_fake(logits, labels, class_bias, ignore_index, reduction, compute_s
     return loss, grad, raw_stats, raw_pairwise, counts
 
 
+def _is_eager(t: torch.Tensor) -> bool:
+    """True for a real tensor outside any tracing (dynamo, AOT autograd, fake or functional
+    tensors), where reading its value to skip work is allowed."""
+    return type(t) is torch.Tensor and not torch.compiler.is_compiling()
+
+
 def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int) -> torch.Tensor:
     """``dloss/dlogits = grad * grad_output`` (per row for reduction "none")."""
     if reduction == _NONE:
         return grad * grad_output.unsqueeze(1).to(grad.dtype)
-    if not torch.compiler.is_compiling() and bool(grad_output == 1):
+    if _is_eager(grad_output) and bool(grad_output == 1):
         return grad  # the common case: loss.backward() on the mean loss, nothing to scale
     return grad * grad_output.to(grad.dtype)
 
 
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[4]
+    ctx.num_inputs = len(inputs)
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_loss, *_grads_of_other_outputs):
     (grad,) = ctx.saved_tensors
     grad_logits = scale_saved_grad(grad, grad_loss, ctx.reduction)
-    num_other_inputs = 6  # labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise
-    return (grad_logits,) + (None,) * num_other_inputs
+    return (grad_logits,) + (None,) * (ctx.num_inputs - 1)  # nothing else is differentiable
 
 
 def register_fused_ce(op) -> None:

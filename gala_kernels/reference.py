@@ -23,14 +23,15 @@ enter the state, for every backend.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
+
+from .ops import REDUCTION_CODES, register_fused_ce
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import GALAState
 
-REDUCTIONS = ("mean", "sum", "none")
 ACCUMULATIONS = ("cumulative", "sum", "ema")
 
 
@@ -122,49 +123,51 @@ def forward_and_grad(
     stats = None
     if compute_stats:
         counts = torch.stack([n_valid, (valid & ~finite).sum()]).to(torch.int64)
-        used = valid & finite
-        pu, ohu, yu = p[used], onehot[used], y[used]
-        p_y = pu.gather(1, yu.unsqueeze(1)).squeeze(1)
-        raw = torch.zeros(3, C, dtype=cdt, device=logits.device)
-        raw[0].index_add_(0, yu, 1.0 - p_y)  # raw_pos[k]
-        raw[1].index_add_(0, yu, (pu * (1.0 - ohu)).sum(dim=1))  # raw_neg[k]: sum_{j != k} p
-        raw[2] = (pu * (1.0 - ohu)).sum(dim=0)  # raw_clsneg[j]: column sum over y_i != j
+        # Rows used for the statistics: non-ignored and finite. Masking (not boolean indexing)
+        # keeps every shape static, so torch.compile traces this without graph breaks.
+        used = (valid & finite).unsqueeze(1)
+        pu = torch.where(used, p, torch.zeros_like(p))
+        ohu = onehot * used
+        off_label = pu * (1.0 - onehot)  # p[i, j] for j != y_i, 0 on unused rows
+        zeros = torch.zeros(C, dtype=cdt, device=logits.device)
+        raw_pos = zeros.index_add(0, y, (ohu - pu * onehot).sum(dim=1))  # sum_{y_i = k} (1 - p[i, k])
+        raw_neg = zeros.index_add(0, y, off_label.sum(dim=1))  # sum_{y_i = k} sum_{j != k} p[i, j]
+        raw_clsneg = off_label.sum(dim=0)  # sum_{y_i != j} p[i, j]
+        raw = torch.stack([raw_pos, raw_neg, raw_clsneg])
         raw_pairwise = None
-        if track_pairwise:
+        if track_pairwise:  # column y_i of Phi += |p_i - e_{y_i}|
             raw_pairwise = torch.zeros(C, C, dtype=cdt, device=logits.device)
-            raw_pairwise.index_add_(1, yu, (pu - ohu).abs().t())  # column y_i += |p_i - e_y|
+            raw_pairwise = raw_pairwise.index_add(1, y, (pu - ohu).abs().t())
         stats = StepStatistics(raw=raw, raw_pairwise=raw_pairwise, counts=counts)
     return loss, grad.to(logits.dtype), stats
 
 
-class _ReferenceFunction(torch.autograd.Function):
-    """Autograd through the reference: the gradient is made in the forward, backward scales it.
+_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
 
-    Outputs ``(loss, raw, raw_pairwise, counts)``; only ``loss`` is differentiable. Empty
-    tensors stand for statistics that were not asked for.
-    """
 
-    @staticmethod
-    def forward(ctx, logits, labels, bias, row_shift, reduction, ignore_index, compute_stats, pairwise):
-        loss, grad, stats = forward_and_grad(
-            logits, labels, bias, row_shift, reduction=reduction, ignore_index=ignore_index,
-            compute_stats=compute_stats, track_pairwise=pairwise,
-        )
-        ctx.save_for_backward(grad)
-        ctx.reduction = reduction
-        empty = logits.new_empty(0, dtype=torch.float32)
-        raw = stats.raw if stats is not None else empty
-        raw_pairwise = stats.raw_pairwise if stats is not None and pairwise else empty
-        counts = stats.counts if stats is not None else empty.to(torch.int64)
-        ctx.mark_non_differentiable(raw, raw_pairwise, counts)
-        return loss.to(logits.dtype), raw, raw_pairwise, counts
-
-    @staticmethod
-    def backward(ctx, grad_output, *_unused_stat_grads):
-        (grad,) = ctx.saved_tensors
-        if ctx.reduction == "none":
-            grad_output = grad_output.unsqueeze(1)
-        return (grad * grad_output).to(grad.dtype), None, None, None, None, None, None, None
+@torch.library.custom_op("gala_ref::fused_ce_fwd", mutates_args=())
+def reference_fused_ce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    class_bias: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: int,
+    compute_stats: bool,
+    track_pairwise: bool,
+    row_shift: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`forward_and_grad` as a custom op with the fused ops' schema (plus ``row_shift``,
+    the lambda2 term the kernels skip), so the reference goes through the same autograd and
+    torch.compile path as every other backend. Empty tensors stand for skipped statistics."""
+    loss, grad, stats = forward_and_grad(
+        logits, labels, class_bias, row_shift, reduction=_REDUCTION_NAMES[reduction],
+        ignore_index=ignore_index, compute_stats=compute_stats, track_pairwise=track_pairwise,
+    )
+    empty = lambda: torch.empty(0, dtype=torch.float32, device=logits.device)  # noqa: E731
+    raw = stats.raw.float() if stats is not None else empty()
+    raw_pairwise = stats.raw_pairwise.float() if stats is not None and track_pairwise else empty()
+    counts = stats.counts if stats is not None else torch.zeros(2, dtype=torch.int64, device=logits.device)
+    return loss.to(logits.dtype), grad, raw, raw_pairwise, counts
 
 
 def fold_increments(state: "GALAState", stats: StepStatistics) -> None:
@@ -230,10 +233,13 @@ def gala_ce(
         row_shift = lambda2 * torch.log(state.neg_grad.to(bias.dtype) + eps)
     compute_stats = state is not None and update_state
     pairwise = compute_stats and state.pairwise is not None
-    loss, raw, raw_pairwise, counts = _ReferenceFunction.apply(
-        logits, labels, bias, row_shift, reduction, ignore_index, compute_stats, pairwise
+    loss, _grad, raw, raw_pairwise, counts = reference_fused_ce(
+        logits, labels, bias, ignore_index, REDUCTION_CODES[reduction], compute_stats, pairwise, row_shift
     )
     if compute_stats:
         stats = StepStatistics(raw, raw_pairwise if pairwise else None, counts)
         fold_increments(state, stats)
     return loss
+
+
+register_fused_ce(reference_fused_ce)

@@ -1,0 +1,265 @@
+"""Every backend present on CPU (``cpu`` = the C++ op, ``torch`` = the reference) against the
+float64 reference: shapes, dtypes, ignored rows, reductions, accumulation modes, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from gala_testing import TOLERANCES, assert_close_to_truth, make_inputs, run_step, warmed_state
+
+import gala_kernels as gk
+from gala_kernels import backends
+
+CPU_BACKENDS = [
+    "torch",
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not backends.availability("cpu", torch.device("cpu"))[0], reason="gala_kernels._C not built")),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def check_against_truth(backend, logits, labels, state, *, grad_output=None, **kwargs):
+    """Run ``backend`` and the float64 reference on the same rounded inputs and compare."""
+    truth_state = copy.deepcopy(state)
+    result = run_step(logits, labels, state, backend=backend, grad_output=grad_output, **kwargs)
+    truth = run_step(logits.double(), labels, truth_state, backend="torch",
+                     grad_output=None if grad_output is None else grad_output.double(), **kwargs)
+    assert result.loss.dtype == logits.dtype and result.grad.dtype == logits.dtype
+    assert_close_to_truth(result, truth, logits.dtype)
+    return result
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("C", [1, 2, 3, 127, 1000, 8142])
+@pytest.mark.parametrize("B", [1, 7, 256])
+def test_shapes_and_dtypes(backend, dtype, C, B):
+    logits, labels = make_inputs(B, C, dtype, seed=B * 10_000 + C)
+    check_against_truth(backend, logits, labels, warmed_state(C))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_reductions_ignored_rows_and_grad_output(backend, reduction, dtype):
+    B, C = 37, 1500  # C larger than one 1024-column block of the CPU kernel
+    logits, labels = make_inputs(B, C, dtype, ignore_every=3, seed=7)
+    shape = (B,) if reduction == "none" else ()
+    grad_output = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    result = check_against_truth(backend, logits, labels, warmed_state(C), reduction=reduction,
+                                 grad_output=(grad_output * 4 - 2).to(dtype))
+    assert torch.all(result.grad[labels == -100] == 0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_batch(backend, reduction):
+    logits, labels = make_inputs(5, 11, torch.float32)
+    labels[:] = -100
+    state = warmed_state(11)
+    before = copy.deepcopy(state.state_dict())
+    result = check_against_truth(backend, logits, labels, state, reduction=reduction)
+    expected = F.cross_entropy(logits, labels, reduction=reduction)
+    torch.testing.assert_close(result.loss, expected, equal_nan=True)  # mean: NaN, like torch
+    assert torch.all(result.grad == 0)
+    # nothing learnt: the increments are 0; cumulative folding still adds the running sums
+    torch.testing.assert_close(state.running_pos_grad, before["running_pos_grad"])
+    assert int(state.steps) == int(before["steps"]) + 1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_extreme_logits(backend, dtype):
+    """Logits of +-1e4: adding the margins to 1e4 in fp32 already costs ~1e-3 (one fp32 ulp), so
+    the bound is torch's own error at fp32 math (the reference run on the same inputs) plus the
+    usual tolerance, as in Cut Cross-Entropy's tolerance rule."""
+    B, C = 9, 300
+    logits, labels = make_inputs(B, C, torch.float64, seed=5)
+    logits = torch.where(logits > 0, 1e4, -1e4).to(dtype)
+    logits[0] = 1e4  # a row of ties at the top
+    logits[1] = -1e4
+    state = warmed_state(C)
+    torch_fp32 = run_step(logits.float(), labels, copy.deepcopy(state), backend="torch")
+    truth = run_step(logits.double(), labels, copy.deepcopy(state), backend="torch")
+    result = run_step(logits, labels, state, backend=backend)
+    tol = TOLERANCES[dtype]
+    for name in ("loss", "grad"):
+        got, want, torch_err = (getattr(r, name).double() for r in (result, truth, torch_fp32))
+        bound = 2 * (torch_err - want).abs().max() + tol["atol"] + tol["rtol"] * want.abs()
+        assert torch.all((got - want).abs() <= bound), name
+    assert torch.isfinite(result.grad).all() and torch.isfinite(result.loss)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_rows_are_counted_and_leave_the_state_finite(backend):
+    B, C = 6, 50
+    logits, labels = make_inputs(B, C, torch.float32, seed=11)
+    logits[1, 3] = float("inf")
+    logits[2, 0] = float("nan")
+    logits[4, 7] = float("-inf")
+    labels[4] = -100  # an ignored non-finite row is not counted
+    state = warmed_state(C)
+    result = check_against_truth(backend, logits, labels, state, reduction="none")
+    assert int(state.nonfinite_rows) == 2
+    assert torch.isnan(result.loss[1]) and torch.isnan(result.loss[2]) and result.loss[4] == 0
+    assert torch.isnan(result.grad[1]).all() and torch.all(result.grad[4] == 0)
+    assert torch.isfinite(result.loss[[0, 3, 5]]).all()
+    for name, value in state.state_dict().items():
+        assert torch.isfinite(value.double()).all(), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("accumulation", ["cumulative", "sum", "ema"])
+@pytest.mark.parametrize("track_pairwise", [False, True])
+def test_accumulation_modes_over_several_steps(backend, accumulation, track_pairwise):
+    C = 129
+    state = gk.GALAState(C, accumulation=accumulation, ema_beta=0.9, track_pairwise=track_pairwise)
+    truth_state = copy.deepcopy(state)
+    for step in range(5):
+        logits, labels = make_inputs(24, C, torch.float32, ignore_every=5, seed=100 + step)
+        result = run_step(logits, labels, state, backend=backend)
+        truth = run_step(logits.double(), labels, truth_state, backend="torch")
+        assert_close_to_truth(result, truth, torch.float32)
+    assert int(state.steps) == 5
+    assert float(state.pos_grad.sum()) > 0 and float(state.cls_neg_grad.sum()) > 0
+    if track_pairwise:  # the diagonal of Phi is the positive part, its column sums the negative
+        step_state = gk.GALAState(C, accumulation="sum", track_pairwise=True)
+        run_step(*make_inputs(24, C, torch.float64, seed=9), step_state, backend=backend)
+        phi = step_state.pairwise.double()
+        off = phi - torch.diag(torch.diag(phi))
+        torch.testing.assert_close(torch.diag(phi), step_state.pos_grad.double(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(off.sum(0), step_state.neg_grad.double(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(off.sum(1), step_state.cls_neg_grad.double(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_lambda2_changes_nothing(backend):
+    C = 40
+    logits, labels = make_inputs(16, C, torch.float32, seed=21)
+    results = []
+    for lambda2 in (0.0, 0.9, 5.0):
+        state = warmed_state(C)
+        results.append(run_step(logits, labels, state, backend=backend, lambda2=lambda2))
+    for other in results[1:]:
+        torch.testing.assert_close(other.loss, results[0].loss)
+        torch.testing.assert_close(other.grad, results[0].grad)
+        for name in ("pos_grad", "neg_grad", "cls_neg_grad"):
+            torch.testing.assert_close(other.state[name], results[0].state[name])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_margins_match_cross_entropy_on_shifted_logits(backend):
+    """Independent of the reference: GALA = F.cross_entropy(z + lambda1 * log(pos_grad + eps))."""
+    C = 77
+    state = warmed_state(C)
+    logits, labels = make_inputs(20, C, torch.float64, seed=3)
+    shifted = logits + 1.2 * torch.log(state.pos_grad.double() + 1e-3)
+    z = shifted.clone().requires_grad_(True)
+    expected = F.cross_entropy(z, labels)
+    expected.backward()
+    result = run_step(logits, labels, state, backend=backend)
+    torch.testing.assert_close(result.loss, expected.detach(), **TOLERANCES[torch.float64])
+    torch.testing.assert_close(result.grad, z.grad, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_eval_mode_is_plain_cross_entropy(backend):
+    C = 33
+    criterion = gk.GALALoss(C, backend=backend)
+    criterion.state.load_state_dict(warmed_state(C).state_dict())
+    before = copy.deepcopy(criterion.state.state_dict())
+    logits, labels = make_inputs(12, C, torch.float32, ignore_every=4)
+    criterion.eval()
+    torch.testing.assert_close(criterion(logits, labels), F.cross_entropy(logits, labels))
+    for name, value in criterion.state.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    criterion.train()
+    assert not torch.allclose(criterion(logits, labels), F.cross_entropy(logits, labels))
+    assert int(criterion.state.steps) == int(before["steps"]) + 1
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_update_state_false_keeps_margins_and_state(backend):
+    C = 20
+    state = warmed_state(C)
+    before = copy.deepcopy(state.state_dict())
+    logits, labels = make_inputs(8, C, torch.float32)
+    check_against_truth(backend, logits, labels, state, update_state=False)
+    for name, value in state.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_state_dict_round_trip_resumes_identically(backend):
+    C = 64
+    criterion = gk.GALALoss(C, backend=backend)
+    batches = [make_inputs(16, C, torch.float32, seed=s) for s in range(6)]
+    for logits, labels in batches[:3]:
+        criterion(logits, labels)
+    saved = copy.deepcopy(criterion.state_dict())
+    resumed = gk.GALALoss(C, backend=backend)
+    resumed.load_state_dict(saved)
+    for logits, labels in batches[3:]:
+        torch.testing.assert_close(resumed(logits, labels), criterion(logits, labels), rtol=0, atol=0)
+    for name, value in criterion.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+
+
+def test_state_of_the_wrong_size_is_rejected():
+    with pytest.raises(ValueError, match="num_classes=10"):
+        gk.GALAState(10).load_state_dict(gk.GALAState(12).state_dict())
+    with pytest.raises(ValueError, match="pairwise"):
+        gk.GALAState(10).load_state_dict(gk.GALAState(10, track_pairwise=True).state_dict())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("bad_label", [-1, 10, 1 << 40])
+def test_label_out_of_range_raises_and_changes_nothing(backend, bad_label):
+    C = 10
+    state = warmed_state(C)
+    before = copy.deepcopy(state.state_dict())
+    logits, labels = make_inputs(6, C, torch.float32)
+    labels[4] = bad_label
+    with pytest.raises(ValueError, match=rf"labels\[4\] = {bad_label}"):
+        gk.fused_gala_ce(logits, labels, state, backend=backend)
+    for name, value in state.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_arguments_name_the_argument(backend):
+    C = 10
+    state = warmed_state(C)
+    before = copy.deepcopy(state.state_dict())
+    logits, labels = make_inputs(6, C, torch.float32)
+    cases = [
+        (dict(logits=logits[0]), ValueError, "logits must be a 2-D"),
+        (dict(logits=logits.to(torch.int32)), TypeError, "logits must be float"),
+        (dict(labels=labels[:3]), ValueError, r"labels must have shape \(B,\) = \(6,\)"),
+        (dict(labels=labels.to(torch.int32)), TypeError, "labels must be int64"),
+        (dict(labels=labels.to("meta")), ValueError, "labels are on meta"),
+        (dict(state=gk.GALAState(C + 1)), ValueError, "state has num_classes=11"),
+        (dict(state=gk.GALAState(C, device="meta")), ValueError, "state is on meta"),
+        (dict(reduction="avg"), ValueError, "reduction must be one of"),
+        (dict(backend="gpu"), ValueError, "backend must be one of"),
+    ]
+    for override, error, message in cases:
+        args = dict(logits=logits, labels=labels, state=state, reduction="mean", backend=backend)
+        args.update(override)
+        with pytest.raises(error, match=message):
+            gk.fused_gala_ce(args.pop("logits"), args.pop("labels"), args.pop("state"), **args)
+    for name, value in state.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_named_backend_that_is_unavailable_says_why():
+    with pytest.raises(backends.BackendUnavailableError, match="'cuda' backend runs on CUDA tensors"):
+        gk.fused_gala_ce(*make_inputs(2, 3, torch.float32), backend="cuda")
+
+
+def test_auto_picks_the_cpu_op_when_built():
+    expected = "cpu" if backends.availability("cpu", torch.device("cpu"))[0] else "torch"
+    assert backends.resolve("auto", torch.zeros(1, 1)) == expected
