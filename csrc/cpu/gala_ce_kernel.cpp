@@ -92,26 +92,27 @@ bool gala_ce_row(
   for (int64_t start = 0, b = 0; start < C; start += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - start);
     acc_t* a = e + start;
+    // src: the block in the math dtype (read straight from z when no conversion is needed)
+    const acc_t* src;
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      std::copy(z + start, z + start + n, a);
+      src = z + start;
     } else {
       at::vec::convert(z + start, a, n);
+      src = a;
     }
     Vec vmax(neg_inf), vprobe(0);  // probe: sum of (x - x) is NaN iff some x is inf or NaN
     int64_t j = 0;
     for (; j + kVec <= n; j += kVec) {
-      Vec x = Vec::loadu(a + j);
-      if (bias) {
-        x = x + Vec::loadu(bias + start + j);
-        x.store(a + j);
-      }
+      Vec x = Vec::loadu(src + j);
+      if (bias) x = x + Vec::loadu(bias + start + j);
+      x.store(a + j);
       vmax = at::vec::maximum(vmax, x);
       vprobe = vprobe + (x - x);
     }
     acc_t bm = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
     acc_t probe = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vprobe);
     for (; j < n; ++j) {
-      if (bias) a[j] += bias[start + j];
+      a[j] = src[j] + (bias ? bias[start + j] : acc_t(0));
       bm = std::max(bm, a[j]);
       probe += a[j] - a[j];
     }
@@ -156,20 +157,31 @@ bool gala_ce_row(
     const acc_t* eb = e + start;
     acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start)
                                                 : ws.grad_block.data();
+    // raw_clsneg[j] += p[j] for j != y, in fp32 like the state: fused into the vector loop when
+    // the math is fp32, a separate sweep for fp64 math.
+    float* cls = cls_neg_acc ? cls_neg_acc + start : nullptr;
+    constexpr bool kFusedClsNeg = std::is_same_v<acc_t, float>;
     int64_t j = 0;
     for (; j + kVec <= n; j += kVec) {
       Vec p = Vec::loadu(eb + j) * vscale;
       vsum_other = vsum_other + p;
       (p * vw).store(g + j);
+      if constexpr (kFusedClsNeg) {
+        if (cls) (Vec::loadu(cls + j) + p).store(cls + j);
+      }
     }
     for (; j < n; ++j) {
       const acc_t p = eb[j] * scale;
       sum_other += p;
       g[j] = p * w;
+      if constexpr (kFusedClsNeg) {
+        if (cls) cls[j] += p;
+      }
     }
-    if (cls_neg_acc) {  // raw_clsneg[j] += p[j], j != y; kept in fp32 like the state
-      float* acc = cls_neg_acc + start;
-      for (int64_t k = 0; k < n; ++k) acc[k] += static_cast<float>(eb[k] * scale);
+    if constexpr (!kFusedClsNeg) {
+      if (cls) {
+        for (int64_t k = 0; k < n; ++k) cls[k] += static_cast<float>(eb[k] * scale);
+      }
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       store_block<scalar_t>(g, grad_row + start, n);
