@@ -263,3 +263,11 @@ def test_named_backend_that_is_unavailable_says_why():
 def test_auto_picks_the_cpu_op_when_built():
     expected = "cpu" if backends.availability("cpu", torch.device("cpu"))[0] else "torch"
     assert backends.resolve("auto", torch.zeros(1, 1)) == expected
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_million_classes(backend):
+    C = 1_000_000
+    logits, labels = make_inputs(3, C, torch.float32, seed=42)
+    labels[1] = C - 1
+    check_against_truth(backend, logits, labels, gk.GALAState(C), reduction="sum")

@@ -88,7 +88,10 @@ bool gala_ce_row(
 
   // 1. Online logsumexp, block by block: a = z + bias; bm = max(a); e = exp(a - bm);
   //    (m, S) <- (max(m, bm), S * exp(m - m') + sum(e) * exp(bm - m')).
-  acc_t m = neg_inf, S = 0;
+  // Within a block the sums run in the math dtype (at most kBlock / kVec adds per lane); across
+  // blocks they run in double, so a row of a million classes keeps fp32-level accuracy.
+  acc_t m = neg_inf;
+  double S = 0;
   for (int64_t start = 0, b = 0; start < C; start += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - start);
     acc_t* a = e + start;
@@ -133,26 +136,28 @@ bool gala_ce_row(
     }
     ws.block_max[b] = bm;
     if (bm > m) {
-      S = S * std::exp(m - bm) + bs;
+      S = S * std::exp(static_cast<double>(m) - bm) + bs;
       m = bm;
     } else {
-      S += bs * std::exp(bm - m);
+      S += bs * std::exp(static_cast<double>(bm) - m);
     }
   }
-  const acc_t lse = m + std::log(S);
-  const acc_t a_y = static_cast<acc_t>(z[y]) + (bias ? bias[y] : acc_t(0));
-  *loss = static_cast<double>(lse) - static_cast<double>(a_y);
+  const double lse = m + std::log(S);
+  const double a_y = static_cast<double>(static_cast<acc_t>(z[y]) + (bias ? bias[y] : acc_t(0)));
+  *loss = lse - a_y;
 
   // 2. Probabilities, gradient and statistics. e[y] is set to 0 first, so the sums below run
   //    over j != y exactly (no 1 - p[y] cancellation); grad[y] is patched afterwards.
   const int64_t block_y = y / kBlock;
-  const acc_t p_y = e[y] * std::exp(ws.block_max[block_y] - m) / S;
+  const acc_t p_y = static_cast<acc_t>(e[y] * std::exp(static_cast<double>(ws.block_max[block_y]) - m) / S);
   e[y] = 0;
-  Vec vsum_other(0), vw(w);
-  acc_t sum_other = 0;
+  const Vec vw(w);
+  double sum_other = 0;
   for (int64_t start = 0, b = 0; start < C; start += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - start);
-    const acc_t scale = std::exp(ws.block_max[b] - m) / S;  // p = e * scale
+    const acc_t scale = static_cast<acc_t>(std::exp(static_cast<double>(ws.block_max[b]) - m) / S);  // p = e * scale
+    Vec vsum_other(0);
+    acc_t block_sum_other = 0;
     const Vec vscale(scale);
     const acc_t* eb = e + start;
     acc_t* g = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(grad_row + start)
@@ -172,7 +177,7 @@ bool gala_ce_row(
     }
     for (; j < n; ++j) {
       const acc_t p = eb[j] * scale;
-      sum_other += p;
+      block_sum_other += p;
       g[j] = p * w;
       if constexpr (kFusedClsNeg) {
         if (cls) cls[j] += p;
@@ -186,10 +191,10 @@ bool gala_ce_row(
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       store_block<scalar_t>(g, grad_row + start, n);
     }
+    sum_other += block_sum_other + at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum_other);
   }
   grad_row[y] = static_cast<scalar_t>((p_y - acc_t(1)) * w);
-  sum_other += at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vsum_other);
-  *sum_other_out = static_cast<double>(sum_other);
+  *sum_other_out = sum_other;
   return true;
 }
 
