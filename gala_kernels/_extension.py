@@ -41,6 +41,7 @@ def unavailable_reason() -> str:
     return _reason
 
 
+@torch.compiler.assume_constant_result  # dynamo cannot trace the dispatcher query
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether ``torch.ops.gala.<op_name>`` has an implementation for ``dispatch_key``."""
     if not load():

@@ -86,7 +86,7 @@ def fused_gala_ce(
     """
     check_inputs(logits, labels, state, reduction, ignore_index)
     name = backends.resolve(backend, logits)
-    if name != "cpu":  # the C++ CPU op checks the labels itself, with the same message
+    if name not in ("cpu", "cuda"):  # the C++ ops check the labels themselves, same message
         check_label_range(labels, logits.shape[1], ignore_index)
     if name == "torch":
         return reference.gala_ce(

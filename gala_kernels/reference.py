@@ -55,7 +55,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def class_bias(state: "GALAState", lambda1: float, eps: float, dtype=torch.float32) -> torch.Tensor:
+def class_bias(state: GALAState, lambda1: float, eps: float, dtype=torch.float32) -> torch.Tensor:
     """The per-column margin ``lambda1 * log(pos_grad + eps)``, shape ``(C,)``."""
     return lambda1 * torch.log(state.pos_grad.to(dtype) + eps)
 
@@ -170,7 +170,7 @@ def reference_fused_ce(
     return loss.to(logits.dtype), grad, raw, raw_pairwise, counts
 
 
-def fold_increments(state: "GALAState", stats: StepStatistics) -> None:
+def fold_increments(state: GALAState, stats: StepStatistics) -> None:
     """Fold one step's raw statistics into ``state`` (SPEC.md, "Folding the increments").
 
     ``d = s * raw`` with ``s = 1/N``; then, by ``state.accumulation``:
@@ -205,7 +205,7 @@ def fold_increments(state: "GALAState", stats: StepStatistics) -> None:
 def gala_ce(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    state: Optional["GALAState"] = None,
+    state: Optional[GALAState] = None,
     *,
     lambda1: float = 1.2,
     lambda2: float = 0.9,

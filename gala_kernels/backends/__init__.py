@@ -17,6 +17,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .. import _extension, ops
+from . import cuda_rule
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
@@ -65,11 +66,14 @@ def availability(name: str, device: torch.device) -> Tuple[bool, str]:
 
 
 def auto_cuda_backend(logits: torch.Tensor) -> str:
-    """The backend ``"auto"`` uses for a CUDA tensor (see bench/results/ for the measurements)."""
-    for name in ("triton", "cuda"):
-        if availability(name, logits.device)[0]:
-            return name
-    return "torch"
+    """The backend ``"auto"`` uses for a CUDA tensor: the CUDA C++ op where
+    :func:`cuda_rule.prefer_cuda` says it is faster for the shape (small steps, where launch
+    overhead dominates), else Triton; the reference when neither is built."""
+    cuda_ok = availability("cuda", logits.device)[0]
+    triton_ok = availability("triton", logits.device)[0]
+    if cuda_ok and (not triton_ok or cuda_rule.prefer_cuda(logits.shape[0], logits.shape[1], logits.dtype)):
+        return "cuda"
+    return "triton" if triton_ok else "torch"
 
 
 def resolve(backend: str, logits: torch.Tensor) -> str:
