@@ -16,6 +16,10 @@ TORCH_LIBRARY(gala, m) {
       "fused_ce_fwd(Tensor logits, Tensor labels, Tensor? class_bias, int ignore_index, "
       "int reduction, bool compute_stats, bool track_pairwise) -> "
       "(Tensor loss, Tensor grad, Tensor raw_stats, Tensor raw_pairwise, Tensor counts)");
+  // Mass pass of post-hoc re-balancing: colsum[j] = sum_i softmax(logits[i, :])[j], (C,) float32
+  // (float64 for float64 logits). A row holding NaN or +inf, or -inf everywhere, adds NaN to
+  // every column (as torch.softmax); a -inf entry has probability 0.
+  m.def("softmax_colsum(Tensor logits) -> Tensor colsum");
 }
 
 namespace gala {

@@ -2,14 +2,20 @@
 
 See SPEC.md of the project for the exact contract; the public names are::
 
-    GALAState, GALALoss, fused_gala_ce, reference.gala_ce
+    GALAState, GALALoss, fused_gala_ce, PredictionRebalancer, fit_tau, lt_accuracy,
+    reference.gala_ce
 """
 
 from . import _extension, backends, reference
 from .loss import GALALoss, fused_gala_ce
+from .metrics import lt_accuracy
+from .rebalance import PredictionRebalancer, fit_tau
 from .state import GALAState
 
 _extension.load()  # warns once, with the reason, when the compiled ops are missing
 
-__all__ = ["GALAState", "GALALoss", "fused_gala_ce", "reference", "backends"]
+__all__ = [
+    "GALAState", "GALALoss", "fused_gala_ce", "PredictionRebalancer", "fit_tau", "lt_accuracy",
+    "reference", "backends",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,200 @@
+"""Triton kernels for the mass pass of post-hoc re-balancing.
+
+SPEC.md, "Post-hoc prediction re-balancing"::
+
+    mass[j] = sum_i softmax(z[i, :])[j]
+
+This module computes one call's share, ``colsum[j] = sum_{i < B} softmax(z[i, :])[j]``, ``(C,)``
+in the math dtype (float32, float64 for float64 logits). Two kernels:
+
+* ``_colsum_rows_kernel`` (``C <= MAX_ROW_BLOCK``): a whole row fits one block. Each program
+  walks ``rows_per_program`` rows one at a time (row max, ``e = exp(z - max)``,
+  ``acc += e / sum(e)``), keeps the column sums of its rows in registers and adds them to
+  ``colsum`` with one ``tl.atomic_add`` per column at the end. The logits are read once.
+* ``_colsum_tiles_kernel`` (larger ``C``): a program owns ``BLOCK_R`` rows; pass 1 is an online
+  logsumexp over column blocks, pass 2 re-reads each ``(BLOCK_R, BLOCK_C)`` tile, sums
+  ``exp(z - lse)`` over its rows and adds the ``BLOCK_C`` partial sums atomically.
+
+Both reduce over several rows per program before any atomic. Atomics make the float32 sums
+order-dependent across programs (last-bit differences between runs); the C++ CPU op is the
+deterministic one.
+
+Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
+imported (the tests do that through tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import mass_ops
+
+# Widest row kept whole in one block (registers of one program): 16384 fp32 over 16 warps is
+# 32 values per thread for z and as many for the accumulator.
+MAX_ROW_BLOCK = 16384
+# Tile of the large-C kernel.
+TILE_ROWS = 16
+TILE_COLS = 1024
+# Programs per SM the row kernel aims at (latency hiding), and the fewest rows a program
+# handles (bounds the atomics to 1/MIN_ROWS_PER_PROGRAM of the logits' elements).
+PROGRAMS_PER_SM = 4
+MIN_ROWS_PER_PROGRAM = 4
+
+
+@triton.jit
+def _colsum_rows_kernel(
+    # data ptrs
+    logits_ptr,  # (B, C), row stride `stride_row`, unit column stride
+    colsum_ptr,  # (C,) ACC_DTYPE, zeroed; receives sum_i softmax(z[i, :])
+    # shapes and strides
+    n_rows,
+    n_cols,
+    stride_row,
+    rows_per_program,
+    # constants
+    BLOCK_C: tl.constexpr,  # next power of two >= n_cols
+    ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
+):
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    col_mask = cols < n_cols
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
+    for row in range(row_start, row_end):
+        # 1. p = softmax(z) of one row: masked columns are -inf, so exp gives 0 there.
+        #    A row of NaN / +inf, or -inf everywhere, gives NaN throughout, as torch.softmax.
+        z = tl.load(logits_ptr + row * stride_row + cols, mask=col_mask, other=float("-inf"))
+        z = z.to(ACC_DTYPE)
+        e = tl.exp(z - tl.max(z, axis=0))
+        # 2. acc[j] += p[j], summed over this program's rows.
+        acc += e / tl.sum(e, axis=0)
+    # 3. One atomic per column per program.
+    tl.atomic_add(colsum_ptr + cols, acc, mask=col_mask)
+
+
+@triton.jit
+def _colsum_tiles_kernel(
+    # data ptrs
+    logits_ptr,  # (B, C), row stride `stride_row`, unit column stride
+    colsum_ptr,  # (C,) ACC_DTYPE, zeroed; receives sum_i softmax(z[i, :])
+    # shapes and strides
+    n_rows,
+    n_cols,
+    stride_row,
+    # constants
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < n_rows
+    row_ptrs = logits_ptr + rows[:, None] * stride_row
+
+    # 1. Online logsumexp per row: (m, s) <- (m', s * exp(m - m') + sum(exp(z - m'))).
+    #    m_safe keeps exp's argument finite while a row has seen only -inf (m' = -inf).
+    m = tl.full([BLOCK_R], float("-inf"), dtype=ACC_DTYPE)
+    s = tl.zeros([BLOCK_R], dtype=ACC_DTYPE)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        z = tl.load(row_ptrs + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(s)  # -inf for a row that is -inf everywhere: its p is NaN, as torch.softmax
+
+    # 2. colsum[j] += sum over this program's rows of p[i, j] = exp(z[i, j] - lse[i]).
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        z = tl.load(row_ptrs + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
+        p = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)
+        tl.atomic_add(colsum_ptr + cols, tl.sum(p, axis=0), mask=col_mask)
+
+
+@functools.cache
+def _multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _default_rows_per_program(logits: torch.Tensor) -> int:
+    """Enough programs to fill the GPU, each summing at least MIN_ROWS_PER_PROGRAM rows."""
+    B = logits.shape[0]
+    if logits.device.type != "cuda":  # the interpreter: a few programs exercise the atomics
+        return max(1, triton.cdiv(B, 4))
+    target_programs = PROGRAMS_PER_SM * _multiprocessor_count(logits.device.index or 0)
+    return max(MIN_ROWS_PER_PROGRAM, triton.cdiv(B, target_programs))
+
+
+def softmax_colsum_triton(
+    logits: torch.Tensor, *, rows_per_program: Optional[int] = None, max_row_block: int = MAX_ROW_BLOCK
+) -> torch.Tensor:
+    """Launch the mass pass; ``rows_per_program`` and ``max_row_block`` are for tests and tuning."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    B, C = logits.shape
+    acc_dtype = mass_ops.math_dtype(logits.dtype)
+    colsum = torch.zeros(C, dtype=acc_dtype, device=logits.device)
+    if B == 0:
+        return colsum
+    tl_acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
+    block_c = triton.next_power_of_2(C)
+    if block_c <= max_row_block:
+        rows = rows_per_program or _default_rows_per_program(logits)
+        grid = (triton.cdiv(B, rows),)
+        # 4 warps per 2048 columns, 4..16 warps: a few dozen values per thread.
+        num_warps = min(16, max(4, block_c // 512))
+        _colsum_rows_kernel[grid](
+            logits, colsum, B, C, logits.stride(0), rows,
+            BLOCK_C=block_c, ACC_DTYPE=tl_acc, num_warps=num_warps,
+        )
+    else:
+        block_cols = min(TILE_COLS, block_c)
+        grid = (triton.cdiv(B, TILE_ROWS),)
+        _colsum_tiles_kernel[grid](
+            logits, colsum, B, C, logits.stride(0),
+            BLOCK_R=TILE_ROWS, BLOCK_C=block_cols, ACC_DTYPE=tl_acc, num_warps=8,
+        )
+    return colsum
+
+
+@torch.library.custom_op("gala_triton::softmax_colsum", mutates_args=())
+def _softmax_colsum_op(logits: torch.Tensor) -> torch.Tensor:
+    return softmax_colsum_triton(logits)
+
+
+_softmax_colsum_op.register_fake(mass_ops.softmax_colsum_fake)
+
+
+def softmax_colsum_op():
+    """The Triton mass pass as a custom op (schema ``softmax_colsum(Tensor logits) -> Tensor``)."""
+    return _softmax_colsum_op
+
+
+def interpreter_enabled() -> bool:
+    from . import triton_interpret_enabled
+
+    return triton_interpret_enabled()
+
+
+def availability(device: torch.device) -> Tuple[bool, str]:
+    """``(available, reason_if_not)`` for the Triton mass pass on ``device``."""
+    if device.type == "cuda":
+        return True, ""
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return True, ""
+        return False, (
+            "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before "
+            "triton is imported (slow; for tests), or use a CUDA tensor"
+        )
+    return False, f"the 'triton' backend runs on CUDA tensors, got a tensor on {device}"

@@ -1,0 +1,137 @@
+"""The mass pass of post-hoc re-balancing, one implementation per backend.
+
+SPEC.md, "Post-hoc prediction re-balancing"::
+
+    mass[j] = sum_i softmax(z[i, :])[j]
+
+Every backend computes one call's share, ``colsum[j] = sum_{i < B} softmax(z[i, :])[j]``, as a
+``(C,)`` tensor in the math dtype (float32 for float32 / bfloat16 / float16 logits, float64 for
+float64 logits); :class:`gala_kernels.PredictionRebalancer` adds it into its float64 ``mass``.
+A row holding NaN or +inf, or -inf everywhere, adds NaN to every column (as ``torch.softmax``);
+a -inf entry has probability 0.
+
+Backends: ``"torch"`` (eager reference), ``"cpu"`` (``torch.ops.gala.softmax_colsum``, the C++
+op), ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``). ``"auto"`` picks
+``cpu`` for CPU tensors and ``triton`` for CUDA tensors, ``torch`` when neither is available.
+There is no CUDA C++ mass kernel (yet): ``backend="cuda"`` raises and says which to use instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from . import _extension
+from .backends import BACKENDS, BackendUnavailableError
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 logits, float32 otherwise (where the softmax is computed)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_logits(logits: torch.Tensor, num_classes: Optional[int] = None, *, what: str = "logits") -> None:
+    """Raise ValueError / TypeError naming the problem with a ``(B, C)`` logits tensor."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() != 2:
+        raise ValueError(f"{what} must be 2-D (B, C), got shape {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float32, float64, bfloat16 or float16, got {logits.dtype}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(
+            f"{what} have {logits.shape[1]} columns but num_classes={num_classes}; "
+            f"pass (B, {num_classes}) logits"
+        )
+    if logits.shape[1] < 1:
+        raise ValueError(f"{what} must have at least one class, got shape {tuple(logits.shape)}")
+
+
+def softmax_colsum_torch(logits: torch.Tensor) -> torch.Tensor:
+    """Eager reference: ``softmax(z, 1).sum(0)`` in the math dtype."""
+    return torch.softmax(logits, dim=1, dtype=math_dtype(logits.dtype)).sum(0)
+
+
+def softmax_colsum_fake(logits: torch.Tensor) -> torch.Tensor:
+    """Shape and dtype of ``softmax_colsum`` (used by torch.compile / FakeTensor)."""
+    torch._check(logits.dim() == 2, lambda: "logits must be 2-D (B, C)")
+    return logits.new_empty((logits.shape[1],), dtype=math_dtype(logits.dtype))
+
+
+_registered_native = False
+
+
+def native_softmax_colsum() -> Optional[Callable]:
+    """``torch.ops.gala.softmax_colsum`` from the compiled extension (its fake registered on
+    first use), or None when the extension is not built or predates the op."""
+    global _registered_native
+    if not _extension.has_kernel("softmax_colsum", "CPU"):
+        return None
+    if not _registered_native:
+        torch.library.register_fake("gala::softmax_colsum")(softmax_colsum_fake)
+        _registered_native = True
+    return torch.ops.gala.softmax_colsum
+
+
+def _triton_module():
+    try:
+        return importlib.import_module("gala_kernels.backends.triton_mass")
+    except ImportError:
+        return None
+
+
+def availability(name: str, device: torch.device) -> Tuple[bool, str]:
+    """``(available, reason_if_not)`` for the mass pass of backend ``name`` on ``device``."""
+    if name == "torch":
+        return True, ""
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"the 'cpu' backend runs on CPU tensors, got a tensor on {device}"
+        if native_softmax_colsum() is None:
+            reason = _extension.unavailable_reason() or "it was built before gala::softmax_colsum existed"
+            return False, (
+                f"the compiled extension gala_kernels._C has no softmax_colsum op ({reason}); "
+                "build it with `pip install --no-build-isolation -e .`"
+            )
+        return True, ""
+    if name == "triton":
+        module = _triton_module()
+        if module is None:
+            return False, "Triton is not installed (`pip install triton`)"
+        return module.availability(device)
+    if name == "cuda":
+        return False, (
+            "there is no CUDA C++ mass kernel; use backend='triton' (or 'auto') for CUDA tensors"
+        )
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend of the mass pass on ``device``; raises with the reason if a backend
+    asked for by name cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+        if preferred is not None and availability(preferred, device)[0]:
+            return preferred
+        return "torch"
+    ok, reason = availability(backend, device)
+    if not ok:
+        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def softmax_colsum(logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``colsum[j] = sum_i softmax(logits[i, :])[j]`` as a ``(C,)`` tensor in the math dtype."""
+    check_logits(logits)
+    name = resolve(backend, logits.device)
+    if name == "torch":
+        return softmax_colsum_torch(logits)
+    if name == "cpu":
+        return native_softmax_colsum()(logits)
+    return _triton_module().softmax_colsum_op()(logits)
