@@ -73,6 +73,7 @@ def fused_gala_ce(
     ignore_index: int = -100,
     update_state: bool = True,
     backend: str = "auto",
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """GALA cross-entropy with the per-class statistics update, fused in one pass over the logits.
 
@@ -83,9 +84,16 @@ def fused_gala_ce(
     ``lambda2`` multiplies ``log(neg_grad[y_i] + eps)``, a term constant along each row: it changes
     neither the loss nor any gradient (softmax is shift-invariant), as in the authors' formulation.
     It is kept for parity; the fused kernels skip it.
+
+    ``inplace_backward=True`` (Triton backend only) writes the gradient into the logits' own
+    storage instead of a new ``B x C`` buffer, saving that much memory. The logits' values are
+    gone after the call: use it only when nothing else needs them, such as logits straight out of
+    a linear layer (autograd raises "modified by an inplace operation" otherwise).
     """
     check_inputs(logits, labels, state, reduction, ignore_index)
     name = backends.resolve(backend, logits)
+    if inplace_backward and name != "triton":
+        raise ValueError(f"inplace_backward=True needs backend 'triton', but the call resolved to {name!r}")
     if name not in ("cpu", "cuda"):  # the C++ ops check the labels themselves, same message
         check_label_range(labels, logits.shape[1], ignore_index)
     if name == "torch":
@@ -98,10 +106,11 @@ def fused_gala_ce(
     bias = None
     if state is not None:
         bias = reference.class_bias(state, lambda1, eps, reference.compute_dtype(logits.dtype))
-    op = backends.fused_ce_op(name)
-    loss, _grad, raw, raw_pairwise, counts = op(
-        logits, labels, bias, ignore_index, REDUCTION_CODES[reduction], compute_stats, pairwise
-    )
+    args = (logits, labels, bias, ignore_index, REDUCTION_CODES[reduction], compute_stats, pairwise)
+    if inplace_backward:
+        loss, raw, raw_pairwise, counts = backends.triton_inplace_fused_ce(*args)
+    else:
+        loss, _grad, raw, raw_pairwise, counts = backends.fused_ce_op(name)(*args)
     if compute_stats:
         stats = reference.StepStatistics(raw, raw_pairwise if pairwise else None, counts)
         reference.fold_increments(state, stats)
@@ -128,6 +137,9 @@ class GALALoss(nn.Module):
         ema_beta: float = 0.99,
         track_pairwise: bool = False,
         backend: str = "auto",
+        inplace_backward: bool = False,
+        sync: Optional[str] = "auto",
+        process_group=None,
     ):
         super().__init__()
         if reduction not in REDUCTION_CODES:
@@ -135,16 +147,18 @@ class GALALoss(nn.Module):
         if backend not in backends.BACKENDS:
             raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
         self.state = GALAState(
-            num_classes, accumulation=accumulation, ema_beta=ema_beta, track_pairwise=track_pairwise
+            num_classes, accumulation=accumulation, ema_beta=ema_beta, track_pairwise=track_pairwise,
+            sync=sync, process_group=process_group,
         )
         self.lambda1, self.lambda2, self.eps = float(lambda1), float(lambda2), float(eps)
         self.reduction, self.ignore_index, self.backend = reduction, int(ignore_index), backend
+        self.inplace_backward = bool(inplace_backward)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return fused_gala_ce(
             logits, labels, self.state if self.training else None, lambda1=self.lambda1,
             lambda2=self.lambda2, eps=self.eps, reduction=self.reduction, ignore_index=self.ignore_index,
-            update_state=self.training, backend=self.backend,
+            update_state=self.training, backend=self.backend, inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:

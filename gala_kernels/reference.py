@@ -179,25 +179,28 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
     - ``"sum"``:        ``state += d``
     - ``"ema"``:        ``state = beta * state + (1 - beta) * d``
 
-    Everything stays on the device, so no host synchronisation happens here.
+    Under ``torch.distributed`` (``state.sync``), the raw sums and counts are first summed over
+    ranks, so ``N`` is the global batch. Everything stays on the device: no host synchronisation.
     """
+    from .distributed import sync_step_statistics  # distributed imports this module
+
+    stats = sync_step_statistics(state, stats)
     n_valid = stats.counts[0]
     s = 1.0 / n_valid.clamp(min=1).to(torch.float64)
-    pairs = [(state.stat_vectors, (stats.raw * s).to(torch.float32))]
+    groups = [(state.stat_vectors, list((stats.raw * s).float().unbind(0)), state.running_vectors)]
     if state.pairwise is not None and stats.raw_pairwise is not None:
-        pairs.append(([state.pairwise], [(stats.raw_pairwise * s).to(torch.float32)]))
+        groups.append(([state.pairwise], [(stats.raw_pairwise * s).float()], [state.running_pairwise]))
     with torch.no_grad():
-        for index, (targets, increments) in enumerate(pairs):
-            running = state.running_vectors if index == 0 else [state.running_pairwise]
-            for k, target in enumerate(targets):
-                d = increments[k]
-                if state.accumulation == "cumulative":
-                    running[k].add_(d)
-                    target.add_(running[k])
-                elif state.accumulation == "sum":
-                    target.add_(d)
-                else:
-                    target.mul_(state.ema_beta).add_(d, alpha=1.0 - state.ema_beta)
+        # torch._foreach_*: one fused launch per line for the three vectors on a GPU
+        for targets, increments, running in groups:
+            if state.accumulation == "cumulative":
+                torch._foreach_add_(running, increments)
+                torch._foreach_add_(targets, running)
+            elif state.accumulation == "sum":
+                torch._foreach_add_(targets, increments)
+            else:
+                torch._foreach_mul_(targets, state.ema_beta)
+                torch._foreach_add_(targets, increments, alpha=1.0 - state.ema_beta)
         state.steps.add_(1)
         state.nonfinite_rows.add_(stats.counts[1])
 

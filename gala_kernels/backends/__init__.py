@@ -10,7 +10,6 @@ Each backend except ``torch`` is a custom op with the schema of ``gala::fused_ce
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Callable, Optional, Tuple
 
@@ -26,11 +25,14 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here; the message says why and how to get it."""
 
 
+try:  # imported eagerly: torch.compile cannot trace a lazy importlib call
+    from . import triton_gala as _triton_gala  # never raises when triton itself is missing
+except ImportError:  # pragma: no cover
+    _triton_gala = None
+
+
 def _triton_module():
-    try:
-        return importlib.import_module("gala_kernels.backends.triton_gala")
-    except ImportError:
-        return None
+    return _triton_gala
 
 
 def availability(name: str, device: torch.device) -> Tuple[bool, str]:
@@ -103,6 +105,11 @@ def fused_ce_op(name: str) -> Callable:
         raise ValueError(f"no fused op for backend {name!r}")
     assert op is not None
     return op
+
+
+def triton_inplace_fused_ce(*args):
+    """The Triton op that writes the gradient into the logits: ``(loss, raw, raw_pairwise, counts)``."""
+    return _triton_module().fused_ce_inplace(*args)
 
 
 def triton_interpret_enabled() -> bool:
