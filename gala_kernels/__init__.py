@@ -2,11 +2,12 @@
 
 See SPEC.md of the project for the exact contract; the public names are::
 
-    GALAState, GALALoss, fused_gala_ce, PredictionRebalancer, fit_tau, lt_accuracy,
+    GALAState, GALALoss, fused_gala_ce, fused_linear_gala_ce, PredictionRebalancer, fit_tau, lt_accuracy,
     reference.gala_ce
 """
 
-from . import _extension, backends, reference
+from . import _extension, backends, class_parallel, distributed, reference
+from .linear import fused_linear_gala_ce
 from .loss import GALALoss, fused_gala_ce
 from .metrics import lt_accuracy
 from .rebalance import PredictionRebalancer, fit_tau
@@ -15,7 +16,7 @@ from .state import GALAState
 _extension.load()  # warns once, with the reason, when the compiled ops are missing
 
 __all__ = [
-    "GALAState", "GALALoss", "fused_gala_ce", "PredictionRebalancer", "fit_tau", "lt_accuracy",
-    "reference", "backends",
+    "GALAState", "GALALoss", "fused_gala_ce", "fused_linear_gala_ce", "PredictionRebalancer", "fit_tau",
+    "lt_accuracy", "reference", "backends", "distributed", "class_parallel",
 ]
 __version__ = "0.1.0"

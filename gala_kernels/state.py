@@ -7,6 +7,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from .distributed import configure_sync
 from .reference import ACCUMULATIONS
 
 
@@ -23,6 +24,11 @@ class GALAState(nn.Module):
     With ``accumulation="cumulative"`` the raw running sums ``R`` of the authors' scheme are
     buffers too (``running_*``), so a ``state_dict`` round trip resumes exactly. Being an
     ``nn.Module`` of buffers, ``.to()``, ``state_dict()`` and DDP broadcasting just work.
+
+    ``sync="auto"`` (default): under ``torch.distributed``, the raw increments of every step are
+    summed over ``process_group`` (default: the world) before the fold, with ``s = 1/N_global``, so
+    every rank holds the state one process would after the concatenated global batch (SPEC.md).
+    ``sync=None`` keeps the statistics per rank.
     """
 
     def __init__(
@@ -33,6 +39,8 @@ class GALAState(nn.Module):
         ema_beta: float = 0.99,
         track_pairwise: bool = False,
         device=None,
+        sync: Optional[str] = "auto",
+        process_group=None,
     ):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
@@ -45,6 +53,9 @@ class GALAState(nn.Module):
         self.accumulation = accumulation
         self.ema_beta = float(ema_beta)
         self.track_pairwise = bool(track_pairwise)
+        # "auto": when torch.distributed is initialised, sum each step's increments over ranks
+        # (over process_group, default the world) before the fold; None: never
+        configure_sync(self, sync, process_group)
 
         def zeros(*shape, dtype=torch.float32):
             return torch.zeros(*shape, dtype=dtype, device=device)

@@ -1,0 +1,327 @@
+"""``fused_linear_gala_ce``: the classifier matmul fused with the GALA loss, chunked over rows.
+
+With ``C`` in the hundreds of thousands, the ``(B, C)`` logits (and their gradient, the same size
+again) dominate training memory: at B = 8192, C = 100,000 fp32 they are 3.3 GB each. This module
+never holds them at once. For each chunk of ``R`` rows (SPEC.md formulas, ``a`` = adjusted logits):
+
+    1. logits_c  = x_c @ W.T + b                                  (R, C), the only big buffer
+    2. the backend's fused op (schema of gala::fused_ce_fwd) on logits_c, class_bias =
+       lambda1 * log(pos_grad + eps), reduction "sum":
+           loss rows, dlogits_c = (p - onehot) (w_i = 1), raw statistics of the chunk
+    3. grad_x_c  = dlogits_c @ W          grad_W += dlogits_c.T @ x_c      grad_b += sum_rows dlogits_c
+    4. drop logits_c and dlogits_c
+
+``w_i = 1/N`` of the mean loss is over the WHOLE batch, so the chunks use reduction "sum" and the
+accumulated gradients (and the loss) are scaled once by ``1/N`` at the end. The raw statistics are
+summed over the chunks and folded ONCE with :func:`reference.fold_increments` (``s = 1/N`` of the
+whole batch), so the state equals that of the unchunked call.
+
+Backward (an autograd Function) scales the stored gradients by ``grad_output``. With reduction
+``"none"`` the gradient of ``W`` depends on the per-row ``grad_output``, which is unknown in the
+forward: then the forward stores nothing big, and the backward recomputes the chunks (the same
+fused op, no statistics) with ``dlogits_c * grad_output_c``.
+
+Default chunk rule (:func:`default_chunk_rows`): the chunk's logits take at most
+``CHUNK_BYTES_CPU`` = 64 MiB on CPU and ``CHUNK_BYTES_CUDA`` = 256 MiB on CUDA (counted in fp32),
+in a multiple of 8 rows (tensor-core friendly row counts), at least 8 rows, at most B rows. The
+extra memory of a call is then a few chunk-sized buffers (logits, dlogits, the op's scratch) plus
+the gradients of ``x``, ``W`` and ``b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import backends, reference
+from .loss import check_label_range
+from .ops import REDUCTION_CODES
+from .state import GALAState
+
+CHUNK_BYTES_CPU = 64 * 2**20
+CHUNK_BYTES_CUDA = 256 * 2**20
+CHUNK_ROW_MULTIPLE = 8
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def default_chunk_rows(batch: int, num_classes: int, device: torch.device) -> int:
+    """Rows per chunk: the chunk's logits fit in 64 MiB (CPU) / 256 MiB (CUDA), counted in fp32.
+
+    Rounded down to a multiple of 8 rows, at least 8 and at most ``batch`` (rounded up to 8).
+    """
+    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    rows = budget // (4 * max(num_classes, 1))
+    rows = max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+    whole_batch = -(-max(batch, 1) // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
+    return min(rows, whole_batch)
+
+
+@dataclass(frozen=True)
+class _Config:
+    backend: str  # a concrete backend: "torch", "cpu", "triton" or "cuda"
+    reduction: str
+    ignore_index: int
+    compute_stats: bool
+    track_pairwise: bool
+    chunk_rows: int
+    grad_enabled: bool  # autograd records this call (ctx.needs_input_grad ignores no_grad mode)
+
+
+def _chunk_forward(config: _Config, logits, labels, class_bias, row_shift, *, compute_stats, reduction):
+    """One chunk through the backend: ``(loss, dlogits, raw (3,C) or None, raw_pairwise, counts)``."""
+    pairwise = compute_stats and config.track_pairwise
+    if config.backend == "torch":
+        loss, grad, stats = reference.forward_and_grad(
+            logits, labels, class_bias, row_shift, reduction=reduction, ignore_index=config.ignore_index,
+            compute_stats=compute_stats, track_pairwise=pairwise,
+        )
+        if stats is None:
+            return loss, grad, None, None, None
+        return loss, grad, stats.raw, stats.raw_pairwise, stats.counts
+    op = backends.fused_ce_op(config.backend)
+    loss, grad, raw, raw_pairwise, counts = op(
+        logits, labels, class_bias, config.ignore_index, REDUCTION_CODES[reduction], compute_stats, pairwise
+    )
+    if not compute_stats:
+        return loss, grad, None, None, None
+    return loss, grad, raw, raw_pairwise if pairwise else None, counts
+
+
+def _chunk_logits(x_c, weight, bias):
+    """``x_c @ W.T + b`` (the classifier's own bias; the GALA margin goes to the fused op)."""
+    if bias is None:
+        return x_c @ weight.t()
+    return torch.addmm(bias, x_c, weight.t())
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Gradients of W and b are accumulated over chunks in fp32 (fp64 for fp64 inputs)."""
+    return reference.compute_dtype(dtype)
+
+
+def _accumulate_grad_weight(grad_w: torch.Tensor, dlogits_c: torch.Tensor, x_c: torch.Tensor) -> None:
+    """``grad_W += dlogits_c.T @ x_c``. fp32/fp64: in place. bf16/fp16: the chunk's product in the
+    input dtype (tensor cores, fp32 accumulation inside the matmul, one rounding per chunk, as the
+    unchunked matmul rounds once), summed over chunks in fp32."""
+    if dlogits_c.dtype == grad_w.dtype:
+        grad_w.addmm_(dlogits_c.t(), x_c)
+    else:
+        grad_w.add_(dlogits_c.t() @ x_c)
+
+
+class _FusedLinearGALAFunction(torch.autograd.Function):
+    """Chunked ``loss = GALA(x @ W.T + b)``; gradients made in the forward, scaled in backward.
+
+    Outputs ``(loss, raw, raw_pairwise, counts)``; only ``loss`` is differentiable. Empty tensors
+    stand for statistics that were not asked for.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, labels, class_bias, row_shift, config: _Config):
+        B, C = x.shape[0], weight.shape[0]
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        keep_grads = config.grad_enabled and config.reduction != "none" and (need_x or need_w or need_b)
+        acc = _grad_dtype(x.dtype)
+        grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if keep_grads and need_x else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if keep_grads and need_w else None
+        grad_b = torch.zeros(C, dtype=acc, device=x.device) if keep_grads and need_b else None
+
+        chunk_reduction = "none" if config.reduction == "none" else "sum"
+        losses = []
+        raw = raw_pairwise = counts = None
+        for start in range(0, B, config.chunk_rows):
+            stop = min(start + config.chunk_rows, B)
+            x_c = x[start:stop]
+            logits_c = _chunk_logits(x_c, weight, bias)
+            loss_c, dlogits_c, raw_c, pair_c, counts_c = _chunk_forward(
+                config, logits_c, labels[start:stop], class_bias, row_shift,
+                compute_stats=config.compute_stats, reduction=chunk_reduction,
+            )
+            del logits_c
+            losses.append(loss_c)
+            if config.compute_stats:  # raw sums add over chunks; folded once, by the caller
+                raw = raw_c.clone() if raw is None else raw.add_(raw_c)
+                counts = counts_c.clone() if counts is None else counts.add_(counts_c)
+                if pair_c is not None:
+                    raw_pairwise = pair_c.clone() if raw_pairwise is None else raw_pairwise.add_(pair_c)
+            if keep_grads:
+                if grad_x is not None:  # grad_x_c = dlogits_c @ W
+                    torch.mm(dlogits_c, weight, out=grad_x[start:stop])
+                if grad_w is not None:  # grad_W += dlogits_c.T @ x_c
+                    _accumulate_grad_weight(grad_w, dlogits_c, x_c)
+                if grad_b is not None:  # grad_b += sum over rows of dlogits_c
+                    grad_b.add_(dlogits_c.sum(dim=0, dtype=acc))
+            del dlogits_c
+
+        valid = labels != config.ignore_index
+        if config.reduction == "none":
+            loss = torch.cat(losses) if losses else x.new_zeros(0)
+        else:
+            total = torch.stack(losses).to(acc).sum() if losses else x.new_zeros((), dtype=acc)
+            loss = total
+            if config.reduction == "mean":  # w_i = 1/N, whole batch (N = 0 -> NaN, as F.cross_entropy)
+                n_valid = valid.sum()
+                loss = total / n_valid
+                inv_n = 1.0 / n_valid.clamp(min=1).to(acc)
+                for g in (grad_x, grad_w, grad_b):
+                    if g is not None:
+                        g.mul_(inv_n.to(g.dtype))
+
+        if config.reduction == "none":
+            ctx.save_for_backward(x, weight, bias, labels, class_bias, row_shift)
+        else:
+            ctx.save_for_backward(grad_x, grad_w, grad_b)
+        ctx.config = config
+        ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+        empty = x.new_empty(0, dtype=torch.float32)
+        raw = raw if raw is not None else empty
+        raw_pairwise = raw_pairwise if raw_pairwise is not None else empty
+        counts = counts if counts is not None else empty.to(torch.int64)
+        if config.compute_stats and counts.numel() == 0:  # B = 0: nothing seen, N = 0
+            raw = torch.zeros(3, C, dtype=torch.float32, device=x.device)
+            counts = torch.zeros(2, dtype=torch.int64, device=x.device)
+        ctx.mark_non_differentiable(raw, raw_pairwise, counts)
+        return loss.to(x.dtype), raw, raw_pairwise, counts
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grads_of_statistics):
+        config = ctx.config
+        x_dtype, w_dtype, b_dtype = ctx.input_dtypes
+        if config.reduction == "none":
+            grad_x, grad_w, grad_b = _recompute_grads_for_none(ctx, grad_loss)
+        else:
+            grad_x, grad_w, grad_b = ctx.saved_tensors
+            scale = grad_loss
+            skip = not torch.compiler.is_compiling() and bool(scale == 1)
+            grad_x = None if grad_x is None else (grad_x if skip else grad_x * scale.to(grad_x.dtype))
+            grad_w = None if grad_w is None else (grad_w if skip else grad_w * scale.to(grad_w.dtype))
+            grad_b = None if grad_b is None else (grad_b if skip else grad_b * scale.to(grad_b.dtype))
+        grad_x = None if grad_x is None else grad_x.to(x_dtype)
+        grad_w = None if grad_w is None else grad_w.to(w_dtype)
+        grad_b = None if grad_b is None else grad_b.to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _recompute_grads_for_none(ctx, grad_loss):
+    """Reduction "none": dlogits_c = (p - onehot) * grad_output_i, recomputed chunk by chunk."""
+    x, weight, bias, labels, class_bias, row_shift = ctx.saved_tensors
+    config = ctx.config
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    acc = _grad_dtype(x.dtype)
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if need_x else None
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_w else None
+    grad_b = torch.zeros(weight.shape[0], dtype=acc, device=x.device) if need_b else None
+    with torch.no_grad():
+        for start in range(0, x.shape[0], config.chunk_rows):
+            stop = min(start + config.chunk_rows, x.shape[0])
+            x_c = x[start:stop]
+            logits_c = _chunk_logits(x_c, weight, bias)
+            _, dlogits_c, *_ = _chunk_forward(
+                config, logits_c, labels[start:stop], class_bias, row_shift, compute_stats=False,
+                reduction="none",
+            )
+            del logits_c
+            dlogits_c = dlogits_c * grad_loss[start:stop].unsqueeze(1).to(dlogits_c.dtype)
+            if grad_x is not None:
+                torch.mm(dlogits_c, weight, out=grad_x[start:stop])
+            if grad_w is not None:
+                _accumulate_grad_weight(grad_w, dlogits_c, x_c)
+            if grad_b is not None:
+                grad_b.add_(dlogits_c.sum(dim=0, dtype=acc))
+    return grad_x, grad_w, grad_b
+
+
+def _check_inputs(x, weight, labels, state, bias, reduction, chunk_size) -> None:
+    """Validate every argument before anything runs, naming the argument that is wrong."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D tensor (B, D), got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, float64, bfloat16 or float16, got {x.dtype}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must have shape (C, D) with D = {x.shape[1]} (from x), got {shape}")
+    if weight.shape[0] < 1:
+        raise ValueError(f"weight must have at least one class (row), got shape {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight is {weight.dtype} on {weight.device} but x is {x.dtype} on {x.device}")
+    C = weight.shape[0]
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (C,):
+            raise ValueError(f"bias must have shape (C,) = ({C},), got {getattr(bias, 'shape', bias)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise ValueError(f"bias is {bias.dtype} on {bias.device} but x is {x.dtype} on {x.device}")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
+        shape = getattr(labels, "shape", labels)
+        raise ValueError(f"labels must have shape (B,) = ({x.shape[0]},), got {shape}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if labels.device != x.device:
+        raise ValueError(f"labels are on {labels.device} but x is on {x.device}")
+    if reduction not in REDUCTION_CODES:
+        raise ValueError(f"reduction must be one of {tuple(REDUCTION_CODES)}, got {reduction!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if state is not None:
+        if not isinstance(state, GALAState):
+            raise TypeError(f"state must be a GALAState or None, got {type(state).__name__}")
+        if state.num_classes != C:
+            raise ValueError(f"state has num_classes={state.num_classes} but weight has C={C} classes")
+        if state.pos_grad.device != x.device:
+            raise ValueError(f"state is on {state.pos_grad.device} but x is on {x.device}")
+
+
+def fused_linear_gala_ce(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    state: Optional[GALAState] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    lambda1: float = 1.2,
+    lambda2: float = 0.9,
+    eps: float = 1e-3,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    update_state: bool = True,
+    backend: str = "auto",
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """``fused_gala_ce(x @ weight.T + bias, labels, state, ...)`` without the ``(B, C)`` logits.
+
+    ``x`` is ``(B, D)``, ``weight`` ``(C, D)`` (an ``nn.Linear``'s weight), ``bias`` ``(C,)`` or
+    None, all of one dtype and device. The batch is processed ``chunk_size`` rows at a time
+    (default: :func:`default_chunk_rows`, chunk logits <= 64 MiB on CPU, 256 MiB on CUDA); the loss,
+    the gradients of ``x``, ``weight`` and ``bias`` and the state after the call equal those of the
+    unchunked ``fused_gala_ce`` (up to the summation order of the chunks).
+
+    The other arguments mean what they mean in ``fused_gala_ce``; ``state=None`` gives plain
+    cross-entropy (evaluation semantics). ``lambda2`` is constant along a row and changes neither
+    the loss nor a gradient (softmax is shift-invariant); the fused kernels skip it.
+    """
+    _check_inputs(x, weight, labels, state, bias, reduction, chunk_size)
+    C = weight.shape[0]
+    name = backends.resolve(backend, x)
+    if name != "cpu":  # the C++ CPU op checks the labels itself, with the same message
+        check_label_range(labels, C, ignore_index)
+    compute_stats = state is not None and update_state
+    class_bias = row_shift = None
+    if state is not None:
+        class_bias = reference.class_bias(state, lambda1, eps, reference.compute_dtype(x.dtype))
+        if name == "torch":  # the reference keeps the (gradient-free) lambda2 term, for parity
+            row_shift = lambda2 * torch.log(state.neg_grad.to(class_bias.dtype) + eps)
+    chunk_rows = chunk_size if chunk_size is not None else default_chunk_rows(x.shape[0], C, x.device)
+    config = _Config(
+        backend=name, reduction=reduction, ignore_index=int(ignore_index), compute_stats=compute_stats,
+        track_pairwise=compute_stats and state.pairwise is not None, chunk_rows=chunk_rows,
+        grad_enabled=torch.is_grad_enabled(),
+    )
+    loss, raw, raw_pairwise, counts = _FusedLinearGALAFunction.apply(
+        x, weight, bias, labels, class_bias, row_shift, config
+    )
+    if compute_stats:
+        stats = reference.StepStatistics(raw, raw_pairwise if config.track_pairwise else None, counts)
+        reference.fold_increments(state, stats)
+    return loss
