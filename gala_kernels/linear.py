@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from . import backends, reference
-from .loss import check_label_range
+from .loss import check_label_range, check_labels_state_reduction
 from .ops import REDUCTION_CODES
 from .state import GALAState
 
@@ -253,24 +253,9 @@ def _check_inputs(x, weight, labels, state, bias, reduction, chunk_size) -> None
             raise ValueError(f"bias must have shape (C,) = ({C},), got {getattr(bias, 'shape', bias)}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"bias is {bias.dtype} on {bias.device} but x is {x.dtype} on {x.device}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != x.shape[0]:
-        shape = getattr(labels, "shape", labels)
-        raise ValueError(f"labels must have shape (B,) = ({x.shape[0]},), got {shape}")
-    if labels.dtype != torch.int64:
-        raise TypeError(f"labels must be int64, got {labels.dtype}")
-    if labels.device != x.device:
-        raise ValueError(f"labels are on {labels.device} but x is on {x.device}")
-    if reduction not in REDUCTION_CODES:
-        raise ValueError(f"reduction must be one of {tuple(REDUCTION_CODES)}, got {reduction!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if state is not None:
-        if not isinstance(state, GALAState):
-            raise TypeError(f"state must be a GALAState or None, got {type(state).__name__}")
-        if state.num_classes != C:
-            raise ValueError(f"state has num_classes={state.num_classes} but weight has C={C} classes")
-        if state.pos_grad.device != x.device:
-            raise ValueError(f"state is on {state.pos_grad.device} but x is on {x.device}")
+    check_labels_state_reduction(labels, state, reduction, x.shape[0], C, x.device, "x")
 
 
 def fused_linear_gala_ce(

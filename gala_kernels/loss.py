@@ -24,24 +24,32 @@ def check_inputs(logits: torch.Tensor, labels: torch.Tensor, state: Optional[GAL
         raise TypeError(f"logits must be float32, float64, bfloat16 or float16, got {logits.dtype}")
     if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+    check_labels_state_reduction(labels, state, reduction, logits.shape[0], logits.shape[1], logits.device,
+                                 "logits")
+
+
+def check_labels_state_reduction(labels, state: Optional[GALAState], reduction: str, batch: int,
+                                 num_classes: int, device: torch.device, source: str) -> None:
+    """The checks every GALA entry point shares; ``source`` names the tensor that fixed ``B``,
+    ``C`` and the device (``"logits"``, or ``"x"`` for the fused linear layer)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != batch:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must have shape (B,) = ({logits.shape[0]},), got {shape}")
+        raise ValueError(f"labels must have shape (B,) = ({batch},), got {shape}")
     if labels.dtype != torch.int64:
         raise TypeError(f"labels must be int64, got {labels.dtype}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits are on {logits.device}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but {source} is on {device}")
     if reduction not in REDUCTION_CODES:
         raise ValueError(f"reduction must be one of {tuple(REDUCTION_CODES)}, got {reduction!r}")
     if state is not None:
         if not isinstance(state, GALAState):
             raise TypeError(f"state must be a GALAState or None, got {type(state).__name__}")
-        if state.num_classes != logits.shape[1]:
+        if state.num_classes != num_classes:
             raise ValueError(
-                f"state has num_classes={state.num_classes} but logits have C={logits.shape[1]} classes"
+                f"state has num_classes={state.num_classes} but {source} has C={num_classes} classes"
             )
-        if state.pos_grad.device != logits.device:
-            raise ValueError(f"state is on {state.pos_grad.device} but logits are on {logits.device}")
+        if state.pos_grad.device != device:
+            raise ValueError(f"state is on {state.pos_grad.device} but {source} is on {device}")
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:

@@ -18,7 +18,6 @@ There is no CUDA C++ mass kernel (yet): ``backend="cuda"`` raises and says which
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -77,11 +76,14 @@ def native_softmax_colsum() -> Optional[Callable]:
     return torch.ops.gala.softmax_colsum
 
 
+try:  # imported eagerly: torch.compile cannot trace a lazy importlib call
+    from .backends import triton_mass as _triton_mass  # never raises when triton itself is missing
+except ImportError:  # pragma: no cover
+    _triton_mass = None
+
+
 def _triton_module():
-    try:
-        return importlib.import_module("gala_kernels.backends.triton_mass")
-    except ImportError:
-        return None
+    return _triton_mass
 
 
 def availability(name: str, device: torch.device) -> Tuple[bool, str]:
