@@ -13,7 +13,7 @@ from .metrics import lt_accuracy
 from .rebalance import PredictionRebalancer, fit_tau
 from .state import GALAState
 
-_extension.load()  # warns once, with the reason, when the compiled ops are missing
+_extension.has_kernel("fused_ce_fwd", "CPU")  # loads _C (warns once, with the reason, if missing)
 
 __all__ = [
     "GALAState", "GALALoss", "fused_gala_ce", "fused_linear_gala_ce", "PredictionRebalancer", "fit_tau",

@@ -41,9 +41,21 @@ def unavailable_reason() -> str:
     return _reason
 
 
-@torch.compiler.assume_constant_result  # dynamo cannot trace the dispatcher query
+_KNOWN_OPS = ("fused_ce_fwd", "softmax_colsum")
+_DISPATCH_KEYS = ("CPU", "CUDA")
+_kernels: dict = {}
+
+
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
-    """Whether ``torch.ops.gala.<op_name>`` has an implementation for ``dispatch_key``."""
+    """Whether ``torch.ops.gala.<op_name>`` has an implementation for ``dispatch_key``.
+
+    Answered from a table filled once when the extension loads, so that torch.compile traces
+    through it (dynamo cannot trace the dispatcher query itself).
+    """
     if not load():
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"gala::{op_name}", dispatch_key)
+    if not _kernels:
+        for op in _KNOWN_OPS:
+            for key in _DISPATCH_KEYS:
+                _kernels[(op, key)] = torch._C._dispatch_has_kernel_for_dispatch_key(f"gala::{op}", key)
+    return _kernels.get((op_name, dispatch_key), False)
