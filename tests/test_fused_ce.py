@@ -271,3 +271,17 @@ def test_a_million_classes(backend):
     logits, labels = make_inputs(3, C, torch.float32, seed=42)
     labels[1] = C - 1
     check_against_truth(backend, logits, labels, gk.GALAState(C), reduction="sum")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("C", [1, 3, 17, 1030])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_logit_anywhere_in_the_row(backend, C, bad):
+    """In a full vector, in the scalar tail, in a row shorter than one vector, in a second block."""
+    logits, labels = make_inputs(3, C, torch.float32, seed=C)
+    logits[0, C - 1] = bad
+    logits[2, C // 2] = bad
+    state = warmed_state(C)
+    result = check_against_truth(backend, logits, labels, state, reduction="none")
+    assert int(state.nonfinite_rows) == 2 and torch.isfinite(result.loss[1])
+    assert torch.isnan(result.loss[[0, 2]]).all()

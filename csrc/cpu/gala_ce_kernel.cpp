@@ -103,23 +103,26 @@ bool gala_ce_row(
       at::vec::convert(z + start, a, n);
       src = a;
     }
-    Vec vmax(neg_inf), vprobe(0);  // probe: sum of (x - x) is NaN iff some x is inf or NaN
+    // A row is finite iff its max and min are: maximum/minimum propagate NaN, +inf shows in the
+    // max and -inf in the min.
+    Vec vmax(neg_inf), vmin(-neg_inf);
     int64_t j = 0;
     for (; j + kVec <= n; j += kVec) {
       Vec x = Vec::loadu(src + j);
       if (bias) x = x + Vec::loadu(bias + start + j);
       x.store(a + j);
       vmax = at::vec::maximum(vmax, x);
-      vprobe = vprobe + (x - x);
+      vmin = at::vec::minimum(vmin, x);
     }
     acc_t bm = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, vmax);
-    acc_t probe = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, vprobe);
+    acc_t bmin = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return at::vec::minimum(p, q); }, vmin);
+    bool finite = j == 0 || (std::isfinite(bm) && std::isfinite(bmin));  // j == 0: no full vector
     for (; j < n; ++j) {
       a[j] = src[j] + (bias ? bias[start + j] : acc_t(0));
+      finite = finite && std::isfinite(a[j]);
       bm = std::max(bm, a[j]);
-      probe += a[j] - a[j];
     }
-    if (std::isnan(probe)) {
+    if (!finite) {
       return false;
     }
     Vec vsum(0), vbm(bm);
