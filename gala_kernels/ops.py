@@ -53,11 +53,14 @@ def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[4]
     ctx.num_inputs = len(inputs)
     ctx.save_for_backward(output[1])
+    # The other outputs (grad, statistics) are never differentiated: without this, autograd would
+    # fill a B x C zero tensor for the unused `grad` output on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_grads_of_other_outputs):
     (grad,) = ctx.saved_tensors
-    grad_logits = scale_saved_grad(grad, grad_loss, ctx.reduction)
+    grad_logits = None if grad_loss is None else scale_saved_grad(grad, grad_loss, ctx.reduction)
     return (grad_logits,) + (None,) * (ctx.num_inputs - 1)  # nothing else is differentiable
 
 
