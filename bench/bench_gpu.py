@@ -13,8 +13,9 @@ and for the GALA ones the statistics folded into a persistent state):
 - ``triton op inplace``: the same with ``inplace_backward=True`` (gradient written into the logits);
 - ``cuda``: ``fused_gala_ce(..., backend="cuda")`` when that backend is available (the hook for the
   CUDA C++ backend: it joins the table as soon as it is built);
-- ``eager GALA``: ``backend="torch"`` (gala_kernels.reference);
-- ``torch.compile(eager)``: the reference step compiled (only on the shapes where it compiles
+- ``eager GALA``: the plain-PyTorch step ``reference.eager_gala_loss`` (autograd through
+  ``F.cross_entropy`` on the adjusted logits, statistics from the softmax);
+- ``torch.compile(eager)``: that step compiled (only on the shapes where it compiles
   quickly: ``--compile-max-elements``);
 - ``F.cross_entropy``: forward + backward, no GALA work at all;
 - ``Liger CE``: ``LigerCrossEntropyLoss`` when liger_kernel is importable;
@@ -151,8 +152,13 @@ def compiled_eager_step(B, C, dtype, device, rotation, labels, args):
     if B * C > args.compile_max_elements:
         raise Skip(f"B x C > {args.compile_max_elements} (--compile-max-elements): compiles too slowly")
     state = gk.GALAState(C, device=device)
-    compiled = torch.compile(lambda z, y: reference.gala_ce(z, y, state))
+    compiled = torch.compile(lambda z, y: reference.eager_gala_loss(z, y, state))
     return autograd_step(compiled, rotation, labels)
+
+
+def eager_step(B, C, dtype, device, rotation, labels, args):
+    state = gk.GALAState(C, device=device)
+    return autograd_step(lambda z, y: reference.eager_gala_loss(z, y, state), rotation, labels)
 
 
 def cross_entropy_step(B, C, dtype, device, rotation, labels, args):
@@ -196,7 +202,7 @@ IMPLEMENTATIONS: List = [
     ("triton op", triton_op_step(inplace=False), True),
     ("triton op inplace", triton_op_step(inplace=True), False),
     ("cuda", gala_step("cuda"), True),
-    ("eager GALA", gala_step("torch"), True),
+    ("eager GALA", eager_step, True),
     ("torch.compile(eager)", compiled_eager_step, True),
     ("F.cross_entropy", cross_entropy_step, True),
     ("Liger CE", liger_step, False),  # Liger writes the gradient into its input buffer

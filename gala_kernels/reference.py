@@ -246,3 +246,37 @@ def gala_ce(
 
 
 register_fused_ce(reference_fused_ce)
+
+
+def eager_gala_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    state: GALAState,
+    *,
+    lambda1: float = 1.2,
+    eps: float = 1e-3,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The GALA training step as a user would write it in plain PyTorch: autograd through
+    ``F.cross_entropy`` on the adjusted logits, the statistics from the softmax under no_grad.
+
+    The same loss, gradient and state as :func:`gala_ce` (mean reduction) for finite logits; it
+    is the "eager GALA" baseline of the benchmarks and what they hand to ``torch.compile``
+    (every op here is visible to the compiler, unlike the custom op of :func:`gala_ce`).
+    """
+    cdt = compute_dtype(logits.dtype)
+    C = logits.shape[1]
+    adjusted = logits.to(cdt) + class_bias(state, lambda1, eps, cdt)
+    loss = torch.nn.functional.cross_entropy(adjusted, labels, ignore_index=ignore_index)
+    with torch.no_grad():
+        valid = labels != ignore_index
+        finite = torch.isfinite(adjusted).all(dim=1)
+        y = torch.where(valid, labels, torch.zeros_like(labels))
+        used = (valid & finite).unsqueeze(1)
+        p = torch.where(used, torch.softmax(adjusted, dim=1), torch.zeros_like(adjusted))
+        off_label = p * (1.0 - torch.nn.functional.one_hot(y, C).to(cdt))  # p[i, j], j != y_i
+        raw_pos = torch.zeros(C, dtype=cdt, device=logits.device).index_add(0, y, off_label.sum(dim=1))
+        raw = torch.stack([raw_pos, raw_pos, off_label.sum(dim=0)]).float()
+        counts = torch.stack([valid.sum(), (valid & ~finite).sum()])
+        fold_increments(state, StepStatistics(raw, None, counts))
+    return loss.to(logits.dtype)

@@ -285,3 +285,21 @@ def test_a_non_finite_logit_anywhere_in_the_row(backend, C, bad):
     result = check_against_truth(backend, logits, labels, state, reduction="none")
     assert int(state.nonfinite_rows) == 2 and torch.isfinite(result.loss[1])
     assert torch.isnan(result.loss[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_plain_pytorch_eager_step_matches_the_oracle(dtype):
+    """reference.eager_gala_loss (the benchmarks' eager and torch.compile baseline) computes what
+    the oracle computes: loss, gradient and state, over several steps with ignored rows."""
+    C = 301
+    state, truth_state = warmed_state(C), warmed_state(C)
+    for step in range(3):
+        logits, labels = make_inputs(19, C, dtype, ignore_every=4, seed=50 + step)
+        z = logits.clone().requires_grad_(True)
+        loss = gk.reference.eager_gala_loss(z, labels, state)
+        (grad,) = torch.autograd.grad(loss, z)
+        truth = run_step(logits, labels, truth_state, backend="torch")
+        torch.testing.assert_close(loss, truth.loss, **TOLERANCES[dtype])
+        torch.testing.assert_close(grad, truth.grad, **TOLERANCES[dtype])
+        for name, value in truth_state.state_dict().items():
+            torch.testing.assert_close(state.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
