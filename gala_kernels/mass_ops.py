@@ -22,15 +22,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from . import _extension
-from .backends import BACKENDS, BackendUnavailableError
+from . import _extension, backends
+from .reference import compute_dtype as math_dtype  # float64 for float64 logits, else float32
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 logits, float32 otherwise (where the softmax is computed)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_logits(logits: torch.Tensor, num_classes: Optional[int] = None, *, what: str = "logits") -> None:
@@ -81,59 +76,20 @@ try:  # imported eagerly: torch.compile cannot trace a lazy importlib call
 except ImportError:  # pragma: no cover
     _triton_mass = None
 
-
-def _triton_module():
-    return _triton_mass
+MASS = backends.OpFamily("softmax_colsum", native_softmax_colsum, _triton_mass, cuda_kernel=False)
 
 
 def availability(name: str, device: torch.device) -> Tuple[bool, str]:
     """``(available, reason_if_not)`` for the mass pass of backend ``name`` on ``device``."""
-    if name == "torch":
-        return True, ""
-    if name == "cpu":
-        if device.type != "cpu":
-            return False, f"the 'cpu' backend runs on CPU tensors, got a tensor on {device}"
-        if native_softmax_colsum() is None:
-            reason = _extension.unavailable_reason() or "it was built before gala::softmax_colsum existed"
-            return False, (
-                f"the compiled extension gala_kernels._C has no softmax_colsum op ({reason}); "
-                "build it with `pip install --no-build-isolation -e .`"
-            )
-        return True, ""
-    if name == "triton":
-        module = _triton_module()
-        if module is None:
-            return False, "Triton is not installed (`pip install triton`)"
-        return module.availability(device)
-    if name == "cuda":
-        return False, (
-            "there is no CUDA C++ mass kernel; use backend='triton' (or 'auto') for CUDA tensors"
-        )
-    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-
-
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend of the mass pass on ``device``; raises with the reason if a backend
-    asked for by name cannot run."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
-        if preferred is not None and availability(preferred, device)[0]:
-            return preferred
-        return "torch"
-    ok, reason = availability(backend, device)
-    if not ok:
-        raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
-    return backend
+    return backends.availability(name, device, MASS)
 
 
 def softmax_colsum(logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``colsum[j] = sum_i softmax(logits[i, :])[j]`` as a ``(C,)`` tensor in the math dtype."""
     check_logits(logits)
-    name = resolve(backend, logits.device)
+    name = backends.resolve(backend, logits, MASS)
     if name == "torch":
         return softmax_colsum_torch(logits)
     if name == "cpu":
         return native_softmax_colsum()(logits)
-    return _triton_module().softmax_colsum_op()(logits)
+    return _triton_mass.softmax_colsum_op()(logits)

@@ -11,6 +11,8 @@ Each backend except ``torch`` is a custom op with the schema of ``gala::fused_ce
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -35,61 +37,83 @@ def _triton_module():
     return _triton_gala
 
 
-def availability(name: str, device: torch.device) -> Tuple[bool, str]:
-    """``(available, reason_if_not)`` for backend ``name`` on ``device``."""
+@dataclass(frozen=True)
+class OpFamily:
+    """Where the backends of one op come from, for :func:`availability` and :func:`resolve`.
+
+    ``native_op`` names ``torch.ops.gala.<native_op>`` (the C++ op), ``load_native`` returns it
+    (registering its fake) or None, ``triton`` is the module of its Triton kernel (with an
+    ``availability(device)`` function) or None, and ``cuda_kernel`` says whether a CUDA C++
+    kernel exists at all.
+    """
+
+    native_op: str
+    load_native: Callable[[], Optional[Callable]]
+    triton: Optional[ModuleType]
+    cuda_kernel: bool = True
+
+
+FUSED_CE = OpFamily("fused_ce_fwd", ops.native_fused_ce, _triton_gala)
+
+
+def availability(name: str, device: torch.device, family: OpFamily = FUSED_CE) -> Tuple[bool, str]:
+    """``(available, reason_if_not)`` for backend ``name`` of ``family`` on ``device``."""
+    rebuild = "build it with `pip install --no-build-isolation -e .`"
     if name == "torch":
         return True, ""
     if name == "cpu":
         if device.type != "cpu":
             return False, f"the 'cpu' backend runs on CPU tensors, got a tensor on {device}"
-        if ops.native_fused_ce() is None:
-            return False, (
-                "the compiled extension gala_kernels._C is not loaded "
-                f"({_extension.unavailable_reason()}); build it with "
-                "`pip install --no-build-isolation -e .`"
-            )
+        if family.load_native() is None:
+            if not _extension.load():
+                reason = _extension.unavailable_reason()
+                return False, f"the compiled extension gala_kernels._C is not loaded ({reason}); {rebuild}"
+            return False, f"gala_kernels._C was built without gala::{family.native_op}; {rebuild}"
         return True, ""
     if name == "cuda":
+        if not family.cuda_kernel:
+            return False, (
+                f"there is no CUDA C++ kernel of gala::{family.native_op}; use backend='triton' (or 'auto')"
+            )
         if device.type != "cuda":
             return False, f"the 'cuda' backend runs on CUDA tensors, got a tensor on {device}"
-        ops.native_fused_ce()
-        if not _extension.has_kernel("fused_ce_fwd", "CUDA"):
+        family.load_native()
+        if not _extension.has_kernel(family.native_op, "CUDA"):
             return False, (
                 "gala_kernels._C was built without CUDA kernels; rebuild with a CUDA build of torch "
                 "and nvcc on PATH: `pip install --no-build-isolation -e .`"
             )
         return True, ""
     if name == "triton":
-        module = _triton_module()
-        if module is None:
+        if family.triton is None:
             return False, "Triton is not installed (`pip install triton`)"
-        return module.availability(device)
+        return family.triton.availability(device)
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
-def auto_cuda_backend(logits: torch.Tensor) -> str:
+def auto_cuda_backend(logits: torch.Tensor, family: OpFamily = FUSED_CE) -> str:
     """The backend ``"auto"`` uses for a CUDA tensor: the CUDA C++ op where
     :func:`cuda_rule.prefer_cuda` says it is faster for the shape (small steps, where launch
     overhead dominates), else Triton; the reference when neither is built."""
-    cuda_ok = availability("cuda", logits.device)[0]
-    triton_ok = availability("triton", logits.device)[0]
+    cuda_ok = availability("cuda", logits.device, family)[0]
+    triton_ok = availability("triton", logits.device, family)[0]
     if cuda_ok and (not triton_ok or cuda_rule.prefer_cuda(logits.shape[0], logits.shape[1], logits.dtype)):
         return "cuda"
     return "triton" if triton_ok else "torch"
 
 
-def resolve(backend: str, logits: torch.Tensor) -> str:
+def resolve(backend: str, logits: torch.Tensor, family: OpFamily = FUSED_CE) -> str:
     """The concrete backend for ``logits``; raises with the reason if a named one cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = logits.device
     if backend == "auto":
         if device.type == "cuda":
-            return auto_cuda_backend(logits)
-        if device.type == "cpu" and availability("cpu", device)[0]:
+            return auto_cuda_backend(logits, family)
+        if device.type == "cpu" and availability("cpu", device, family)[0]:
             return "cpu"
         return "torch"
-    ok, reason = availability(backend, device)
+    ok, reason = availability(backend, device, family)
     if not ok:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
     return backend
