@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few variants only")
     parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args(argv)
-    if triton_gala._interpret_enabled():
+    if triton_gala.triton_interpret_enabled():
         print("TRITON_INTERPRET is set: unset it to run the compiler", file=sys.stderr)
         return 2
     shapes = [(4096, 37), (512, 8142), (8192, 32768)] if args.quick else [

@@ -27,6 +27,12 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here; the message says why and how to get it."""
 
 
+def triton_interpret_enabled() -> bool:
+    """Whether Triton kernels run in its interpreter (CPU tensors), as TRITON_INTERPRET says."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# defined before this import: the Triton modules use triton_interpret_enabled
 try:  # imported eagerly: torch.compile cannot trace a lazy importlib call
     from . import triton_gala as _triton_gala  # never raises when triton itself is missing
 except ImportError:  # pragma: no cover
@@ -134,7 +140,3 @@ def fused_ce_op(name: str) -> Callable:
 def triton_inplace_fused_ce(*args):
     """The Triton op that writes the gradient into the logits: ``(loss, raw, raw_pairwise, counts)``."""
     return _triton_module().fused_ce_inplace(*args)
-
-
-def triton_interpret_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -83,6 +83,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     HAS_TRITON = False
 
 from .. import ops, reference
+from . import triton_interpret_enabled
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 
@@ -91,8 +92,6 @@ _WS_LOSS, _WS_NONFINITE, _WS_TICKET = 0, 1, 2
 _WS_SIZE = 3
 
 
-def _interpret_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,13 +445,13 @@ def availability(device: torch.device) -> Tuple[bool, str]:
     if not HAS_TRITON:
         return False, "Triton is not installed (`pip install triton`)"
     if device.type == "cuda":
-        if _interpret_enabled():
+        if triton_interpret_enabled():
             return False, "TRITON_INTERPRET=1 is set: Triton runs kernels on CPU tensors only; unset it"
         if not torch.cuda.is_available():
             return False, "torch reports no usable CUDA device"
         return True, ""
     if device.type == "cpu":
-        if _interpret_enabled():
+        if triton_interpret_enabled():
             return True, ""
         return False, (
             "the 'triton' backend runs on CUDA tensors; CPU tensors need the Triton interpreter "
@@ -608,7 +607,7 @@ def _op_decorator():
     trace with fake tensors; the op is then a plain ``custom_op`` (opaque to torch.compile, same
     name, schema, fake and autograd), so a ``fullgraph=True`` step still compiles on CPU.
     """
-    if _interpret_enabled():
+    if triton_interpret_enabled():
         return torch.library.custom_op
     return torch.library.triton_op
 

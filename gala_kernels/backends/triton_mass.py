@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .. import mass_ops
+from . import triton_interpret_enabled
 
 # Widest row kept whole in one block (registers of one program): 16384 fp32 over 16 warps is
 # 32 values per thread for z and as many for the accumulator.
@@ -180,18 +181,12 @@ def softmax_colsum_op():
     return _softmax_colsum_op
 
 
-def interpreter_enabled() -> bool:
-    from . import triton_interpret_enabled
-
-    return triton_interpret_enabled()
-
-
 def availability(device: torch.device) -> Tuple[bool, str]:
     """``(available, reason_if_not)`` for the Triton mass pass on ``device``."""
     if device.type == "cuda":
         return True, ""
     if device.type == "cpu":
-        if interpreter_enabled():
+        if triton_interpret_enabled():
             return True, ""
         return False, (
             "Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 before "
