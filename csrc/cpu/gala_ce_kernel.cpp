@@ -17,6 +17,7 @@
 // per-thread fp32 scratch row that stays in cache) and grad is written once.
 
 #include "gala_ce_kernel.h"
+#include "vec_exp.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -36,17 +37,6 @@ namespace {
 
 // Columns per online-softmax block: 1024 fp32 = 4 KB, so a block's two sweeps stay in L1.
 constexpr int64_t kBlock = 1024;
-
-// exp with 2-ULP accuracy for fp32 math (ample for a softmax), full accuracy for fp64 math
-// (the float64 path is the one gradcheck and the reference comparisons use).
-template <typename Vec>
-inline Vec fast_exp(const Vec& x) {
-  if constexpr (std::is_same_v<typename Vec::value_type, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
 
 template <typename scalar_t>
 struct RowWorkspace {

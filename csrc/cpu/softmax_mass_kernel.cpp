@@ -30,6 +30,7 @@
 // scratch row and the tile accumulator stay in cache.
 
 #include "softmax_mass_kernel.h"
+#include "vec_exp.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -37,10 +38,6 @@
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -68,53 +65,6 @@ constexpr int64_t kReduceChunk = 2048;
 constexpr double kMaxAboveReference = 60.0;
 // Prefetch distance: one block (4 KB of fp32) ahead, across rows when they are contiguous.
 constexpr int64_t kPrefetchAhead = 4096;
-
-#if defined(CPU_CAPABILITY_AVX512)
-// exp(x) for x <= 88 (here x = z - reference, never NaN), AVX-512, in about half the
-// instructions of Vectorized<float>::exp_u20: exp is most of this kernel's work.
-//   k = x * log2(e) rounded to a multiple of 1/16,  r = x - k * ln2,  |r| <= ln2 / 32
-//   exp(x) = 2^floor(k) * 2^frac(k) * e^r
-//   2^frac(k): one of 16 table entries (a register permute indexed by the low 4 bits of 16k)
-//   e^r:       degree-3 Taylor polynomial, relative error < 1e-8 on |r| <= ln2 / 32
-//   2^floor(k): _mm512_scalef_ps, exact, gradual underflow to 0
-// x is clamped at -110 first (exp is already 0 there in fp32), so -inf gives exactly 0.
-// Accuracy: about 2 ulp (table rounding + Horner), like exp_u20's.
-inline at::vec::Vectorized<float> exp_clamped(const at::vec::Vectorized<float>& xv) {
-  const __m512 two_pow_sixteenths = _mm512_setr_ps(
-      1.0f, 1.04427378242741384f, 1.09050773266525766f, 1.13878863475669165f, 1.18920711500272107f,
-      1.24185781207348405f, 1.29683955465100967f, 1.35425554693689273f, 1.41421356237309505f,
-      1.47682614593949931f, 1.54221082540794082f, 1.61049033194925431f, 1.68179283050742909f,
-      1.75625216037329948f, 1.83400808640934246f, 1.91520656139714729f);
-  constexpr int kRoundToSixteenths = (4 << 4) | _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 x = _mm512_max_ps(xv, _mm512_set1_ps(-110.0f));
-  const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        kRoundToSixteenths);
-  const __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693147180559945309f), x);
-  const __m512i sixteen_k = _mm512_cvtps_epi32(_mm512_mul_ps(k, _mm512_set1_ps(16.0f)));  // exact
-  const __m512 two_pow_frac = _mm512_permutexvar_ps(sixteen_k, two_pow_sixteenths);     // low 4 bits
-  __m512 poly = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 6), r, _mm512_set1_ps(0.5f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(_mm512_mul_ps(poly, two_pow_frac), k);
-}
-#endif
-
-// exp of x = z - reference. fp32 math: the AVX-512 routine above, else exp_u20 (both
-// ample for probabilities that are summed; both map -inf to 0). fp64 math: full accuracy (the
-// float64 path is the one the reference comparisons use). NaN never reaches it (rows holding
-// NaN are handled apart).
-template <typename Vec>
-inline Vec fast_exp(const Vec& x) {
-  if constexpr (std::is_same_v<typename Vec::value_type, float>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    return exp_clamped(x);
-#else
-    return x.exp_u20();
-#endif
-  } else {
-    return x.exp();
-  }
-}
 
 template <typename acc_t>
 inline acc_t vec_sum(const at::vec::Vectorized<acc_t>& v) {
