@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -21,7 +21,7 @@ TOLERANCES = {
 STATE_TOLERANCE = dict(atol=1e-6, rtol=1e-5)  # the state is float32 whatever the input dtype
 
 
-def make_inputs(B, C, dtype, *, scale=3.0, ignore_every=0, seed=0, device="cpu"):
+def make_inputs(B, C, dtype, device="cpu", *, scale=3.0, ignore_every=0, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
     labels = torch.randint(0, C, (B,), generator=g)
@@ -30,7 +30,7 @@ def make_inputs(B, C, dtype, *, scale=3.0, ignore_every=0, seed=0, device="cpu")
     return logits, labels.to(device)
 
 
-def warmed_state(C, *, steps=2, seed=1, device="cpu", **kwargs):
+def warmed_state(C, device="cpu", *, steps=2, seed=1, **kwargs):
     """A state that has seen a few reference steps, so the margins are not all equal."""
     state = gk.GALAState(C, device=device, **kwargs)
     for k in range(steps):
@@ -39,8 +39,9 @@ def warmed_state(C, *, steps=2, seed=1, device="cpu", **kwargs):
     return state
 
 
-@dataclass
-class StepResult:
+class StepResult(NamedTuple):
+    """``(loss, grad, state)``: unpacks and indexes like a tuple."""
+
     loss: torch.Tensor
     grad: torch.Tensor
     state: dict

@@ -22,6 +22,7 @@ if not triton_gala.HAS_TRITON:  # pragma: no cover
     pytest.skip("Triton is not installed", allow_module_level=True)
 
 from conftest import devices_for, requires_cuda  # noqa: E402
+from gala_testing import make_inputs, run_step, warmed_state  # noqa: E402
 
 INTERPRETER = triton_gala.availability(torch.device("cpu"))[0]
 DEVICES = devices_for(cpu=INTERPRETER)
@@ -43,35 +44,6 @@ def multi_block(monkeypatch):
     """Force the two-sweep path (rows longer than a block) at small C: 16-column blocks."""
     monkeypatch.setattr(triton_gala, "MAX_SINGLE_BLOCK_C", 16)
     monkeypatch.setattr(triton_gala, "MULTI_BLOCK_C", 16)
-
-
-def make_inputs(B, C, dtype, device, *, scale=3.0, ignore_every=0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(B, C, generator=g, dtype=torch.float64) * scale).to(dtype)
-    labels = torch.randint(0, C, (B,), generator=g)
-    if ignore_every:
-        labels[::ignore_every] = -100
-    return logits.to(device), labels.to(device)
-
-
-def warmed_state(C, device, *, steps=2, **state_kwargs):
-    """A state that has seen reference steps, so the class margins differ between columns."""
-    state = gk.GALAState(C, device=device, **state_kwargs)
-    for k in range(steps):
-        z, y = make_inputs(12, C, torch.float64, device, seed=100 + k)
-        reference.gala_ce(z, y, state)
-    return state
-
-
-def run_step(logits, labels, state, *, backend, grad_output=None, **kwargs):
-    """Forward + backward through fused_gala_ce: (loss, dloss/dlogits, state snapshot)."""
-    z = logits.detach().clone().requires_grad_(True)
-    loss = gk.fused_gala_ce(z, labels, state, backend=backend, **kwargs)
-    if grad_output is None:
-        grad_output = torch.ones_like(loss)
-    (grad,) = torch.autograd.grad(loss, z, grad_output)
-    snapshot = {k: v.clone() for k, v in state.state_dict().items()} if state is not None else {}
-    return loss.detach(), grad, snapshot
 
 
 def plain_ce_truth(logits, labels, reduction, grad_output):
@@ -371,7 +343,7 @@ def test_compile_fullgraph_step(device):
     torch._dynamo.reset()
     B, C = 6, 13
     logits, labels = make_inputs(B, C, torch.float32, device, ignore_every=3)
-    state, truth_state = warmed_state(C, device), None
+    state = warmed_state(C, device)
     truth_state = copy.deepcopy(state)
 
     def step(z, y, st):
