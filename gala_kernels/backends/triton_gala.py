@@ -597,6 +597,10 @@ def fused_ce_forward(
 # 4. Registration (torch.library.triton_op), fake + autograd from gala_kernels.ops
 # --------------------------------------------------------------------------------------------------
 def _wrap_triton(kernel):
+    """``wrap_triton`` inside the ``triton_op``; the interpreter's kernels launch unwrapped (torch
+    2.11 rejects an interpreted function there, later versions pass it through)."""
+    if triton_interpret_enabled():
+        return kernel
     return torch.library.wrap_triton(kernel)
 
 
