@@ -78,7 +78,9 @@ TEST_STATUS=0
 TEST_BUDGET=$(( $(left) - 200 ))
 [ "$TEST_BUDGET" -gt 130 ] && TEST_BUDGET=130
 [ "$TEST_BUDGET" -lt 30 ] && TEST_BUDGET=30
-timeout "$TEST_BUDGET" $PYTHON -m pytest tests/test_cuda_backend.py tests/test_rebalance.py tests/test_linear.py \
+# pytest-xdist, where installed, spreads the Triton JIT compiles over the machine's cores
+PARALLEL=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout "$TEST_BUDGET" $PYTHON -m pytest $PARALLEL tests/test_cuda_backend.py tests/test_rebalance.py tests/test_linear.py \
   tests/test_triton.py -m "not slow" -k "cuda and not compile_check and not against_torch_headers" \
   -q -p no:cacheprovider -rs --durations=5 || TEST_STATUS=$?
 echo "pytest exit status: $TEST_STATUS"
