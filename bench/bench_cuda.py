@@ -17,7 +17,7 @@ Python for every non-CPU backend, so both steps pay exactly one synchronisation,
 timings measure the kernels and their dispatch alone.
 
 Then a crossover sweep (B x C x dtype, steps of both backends) prints where ``cuda`` stops
-beating ``triton``: the number to put into gala_kernels/backends/cuda_rule.py.
+beating ``triton``: the evidence for the rule in gala_kernels/backends/cuda_rule.py.
 
 Writes ``bench/results/cuda_vs_triton_<gpu>.json`` and ``.md`` (and copies them to $OUT)::
 
@@ -258,8 +258,9 @@ def markdown(info, names, rows, sweep, cross) -> str:
                          f"{'cuda' if p['rule_prefers_cuda'] else 'triton'} |")
         lines += ["", f"Best single B x C threshold: {cross['best_elements_threshold']} elements "
                   f"({cross['threshold_misclassified_points']} of {cross['points']} points misclassified); "
-                  f"the current rule (cuda_rule.SMALL_STEP_ELEMENTS = {cuda_rule.SMALL_STEP_ELEMENTS}) "
-                  f"misclassifies {cross['current_rule_misclassified_points']}."]
+                  f"the current rule (cuda up to cuda_rule.CUDA_SHARED_STATS_MAX_CLASSES = "
+                  f"{cuda_rule.CUDA_SHARED_STATS_MAX_CLASSES} classes) misclassifies "
+                  f"{cross['current_rule_misclassified_points']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -296,9 +297,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     print("\n" + text)
     if cross:
         print(f"[bench_cuda] measured crossover: cuda faster up to B x C = "
-              f"{cross['best_elements_threshold']} elements; set SMALL_STEP_ELEMENTS in "
-              f"gala_kernels/backends/cuda_rule.py to it "
-              f"(per shape: {json.dumps(cross['per_shape'])})")
+              f"{cross['best_elements_threshold']} elements; compare with the rule in "
+              f"gala_kernels/backends/cuda_rule.py (per shape: {json.dumps(cross['per_shape'])})")
 
 
 if __name__ == "__main__":

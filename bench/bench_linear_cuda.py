@@ -47,7 +47,13 @@ def parse_shape(text: str):
     return B, D, C, DTYPES[dtype or "float32"]
 
 
-def make_cases(B: int, D: int, C: int, dtype: torch.dtype, device: torch.device):
+def rows_for_budget(B: int, C: int, mib: int) -> int:
+    """Chunk rows whose fp32 logits take ``mib`` MiB (the default rule's arithmetic)."""
+    rows = max(8, (mib * 2**20) // (4 * C) // 8 * 8)
+    return min(rows, -(-B // 8) * 8)
+
+
+def make_cases(B: int, D: int, C: int, dtype: torch.dtype, device: torch.device, chunk_mibs=()):
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(B, D, device=device, generator=g).to(dtype).requires_grad_(True)
     weight = (torch.randn(C, D, device=device, generator=g) / D**0.5).to(dtype).requires_grad_(True)
@@ -76,6 +82,15 @@ def make_cases(B: int, D: int, C: int, dtype: torch.dtype, device: torch.device)
             stand_in_grad.sum(0)              # grad_b
 
     cases = {"chunked": chunked, "full": full}
+    for mib in chunk_mibs:  # other chunk budgets than the default rule's
+        rows = rows_for_budget(B, C, mib)
+        state_m = gk.GALAState(C, device=device)
+
+        def chunked_m(rows=rows, state_m=state_m):
+            fused_linear_gala_ce(x, weight, labels, state_m, bias, chunk_size=rows).backward()
+            clear()
+
+        cases[f"chunked-{mib}MiB"] = chunked_m
     if stand_in_grad is not None:
         cases["matmuls"] = matmuls
     return cases, (x, weight, bias, labels, stand_in_grad)
@@ -127,8 +142,8 @@ def p20_p80(values):
     return quintiles[0], quintiles[-1]
 
 
-def run_shape(B, D, C, dtype, device, rounds, warmup):
-    cases, _tensors = make_cases(B, D, C, dtype, device)
+def run_shape(B, D, C, dtype, device, rounds, warmup, chunk_mibs=()):
+    cases, _tensors = make_cases(B, D, C, dtype, device, chunk_mibs)
     peaks = {name: peak_extra_mib(step, device) for name, step in cases.items()}
     ms = time_side_by_side(cases, device, rounds, warmup)
     med = {name: statistics.median(v) for name, v in ms.items()}
@@ -137,12 +152,20 @@ def run_shape(B, D, C, dtype, device, rounds, warmup):
         full_logits_mib=B * C * dtype.itemsize / 2**20, median_ms=med,
         p20_p80_ms={n: p20_p80(v) for n, v in ms.items()},
         peak_extra_mib=peaks, chunked_over_full=med["chunked"] / med["full"], target=TARGET,
+        other_chunkings={name: dict(rows=rows_for_budget(B, C, int(name[8:-3])), median_ms=med[name],
+                                    over_full=med[name] / med["full"], peak_extra_mib=peaks[name])
+                         for name in med if name.startswith("chunked-")},
     )
     record["meets_target"] = record["chunked_over_full"] <= TARGET
     del cases, _tensors
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return record
+
+
+def others(record) -> str:
+    return "; ".join(f"{name[8:]}: {o['rows']} rows, {o['median_ms']:.3f} ms, {o['over_full']:.3f}, "
+                     f"{o['peak_extra_mib']:.0f}" for name, o in record.get("other_chunkings", {}).items())
 
 
 def markdown(records, info) -> str:
@@ -154,8 +177,9 @@ def markdown(records, info) -> str:
         "run interleaved in one process, CUDA events, medians (p20-p80) over the rounds.",
         "",
         "| B | D | C | dtype | chunk rows | chunked ms | full (matmul + fused kernel) ms | matmuls alone ms "
-        "| chunked / full (target <= 1.15) | peak extra MiB chunked / full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| chunked / full (target <= 1.15) | peak extra MiB chunked / full | other chunk budgets: rows, ms, "
+        "/ full, peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         if "error" in r:
@@ -168,7 +192,8 @@ def markdown(records, info) -> str:
             f"| {med['chunked']:.3f} ({q['chunked'][0]:.3f}-{q['chunked'][1]:.3f}) "
             f"| {med['full']:.3f} ({q['full'][0]:.3f}-{q['full'][1]:.3f}) | {mm} "
             f"| {r['chunked_over_full']:.3f} ({'meets' if r['meets_target'] else 'misses'}) "
-            f"| {r['peak_extra_mib']['chunked']:.0f} / {r['peak_extra_mib']['full']:.0f} |"
+            f"| {r['peak_extra_mib']['chunked']:.0f} / {r['peak_extra_mib']['full']:.0f} "
+            f"| {others(r)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -180,6 +205,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "linear_cuda"))
     parser.add_argument("--device", default="cuda", help="cuda; cpu only smoke-tests this script")
+    parser.add_argument("--chunk-mib", type=int, nargs="*", default=[],
+                        help="also time these chunk budgets (MiB of fp32 chunk logits) beside the rule")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -200,7 +227,7 @@ def main(argv=None) -> int:
     records = []
     for text in args.shapes:
         try:
-            record = run_shape(*parse_shape(text), device, args.rounds, args.warmup)
+            record = run_shape(*parse_shape(text), device, args.rounds, args.warmup, args.chunk_mib)
         except Exception as error:  # noqa: BLE001 - one failed shape must not lose the others
             record = dict(shape=text, error=f"{type(error).__name__}: {error}"[:300])
             if device.type == "cuda":

@@ -8,7 +8,8 @@ side by side in one run (each repeat runs them all, in rotating order; the media
   CPU, the Triton kernel on CUDA);
 - ``eager``: ``torch.softmax(z, 1).sum(0)``, the same batches;
 - ``read``: ``z.sum(1)`` over the same batches, a read of the logits (the floor of any pass);
-- CUDA only: ``fused-one-call`` / ``read-one-call``, the whole set in one call.
+- CUDA only: ``fused-one-call`` / ``read-one-call``, the whole set in one call (``--sweep`` adds
+  one-call launches of the Triton row kernel with other tile / warp / grid settings).
 
 Writes ``bench/results/mass_<device>.json`` and ``.md`` (machine, versions, date, load)::
 
@@ -49,7 +50,8 @@ def setup_mass(rows: int, classes: int, dtype: torch.dtype, device: str, seed: i
     return logits.to(device=device, dtype=dtype)
 
 
-def stream_methods(logits: torch.Tensor, batch: int, backend: str) -> Dict[str, Callable[[], torch.Tensor]]:
+def stream_methods(logits: torch.Tensor, batch: int, backend: str,
+                   sweep: bool = False) -> Dict[str, Callable[[], torch.Tensor]]:
     C = logits.shape[1]
     batches = [logits[s:s + batch] for s in range(0, logits.shape[0], batch)]
     device = logits.device
@@ -79,7 +81,29 @@ def stream_methods(logits: torch.Tensor, batch: int, backend: str) -> Dict[str, 
 
         methods["fused-one-call"] = fused_one_call
         methods["read-one-call"] = lambda: logits.sum(1, dtype=torch.float32)
+        if sweep:
+            methods.update(row_kernel_sweep(logits))
     return methods
+
+
+# (rows per tile, warps) of the Triton row kernel tried by --sweep: at most 64 tile values per thread
+SWEEP_TILES = ((1, 8), (1, 16), (2, 8), (2, 16), (4, 16))
+SWEEP_PROGRAMS_PER_SM = (2, 4, 8)
+
+
+def row_kernel_sweep(logits: torch.Tensor) -> Dict[str, Callable[[], torch.Tensor]]:
+    """One-call launches of the Triton row kernel with other launch settings than the rule's."""
+    from gala_kernels.backends import triton_mass
+
+    if logits.shape[1] > triton_mass.MAX_ROW_BLOCK:
+        return {}
+    variants = {}
+    for rows_per_tile, warps in SWEEP_TILES:
+        for per_sm in SWEEP_PROGRAMS_PER_SM:
+            variants[f"one-call R{rows_per_tile} w{warps} p{per_sm}"] = (
+                lambda r=rows_per_tile, w=warps, p=per_sm: triton_mass.softmax_colsum_triton(
+                    logits, rows_per_tile=r, num_warps=w, programs_per_sm=p))
+    return variants
 
 
 def _sync(device: torch.device) -> None:
@@ -97,12 +121,25 @@ def time_side_by_side(methods: Dict[str, Callable], device: torch.device, repeat
     for r in range(repeats):
         order = names[r % len(names):] + names[:r % len(names)]  # rotate: no method always goes first
         for name in order:
+            if device.type == "cuda":  # device time between two events (no host sync in the span)
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                methods[name]()
+                end.record()
+                end.synchronize()
+                seconds[name].append(begin.elapsed_time(end) / 1e3)
+                continue
             _sync(device)
             start = time.perf_counter()
             methods[name]()
             _sync(device)
             seconds[name].append(time.perf_counter() - start)
     return seconds
+
+
+def read_of(method: str) -> str:
+    """The read a method is compared with: one-call methods with ``read-one-call``."""
+    return "read-one-call" if "one-call" in method else "read"
 
 
 def machine(device: torch.device) -> dict:
@@ -164,7 +201,8 @@ def write_markdown(path: Path, report: dict) -> None:
         f"Check: max relative difference fused vs eager mass = {check:.2e}.",
         "",
         "`vs eager` and `vs read` are ratios of medians (`vs eager` = eager / method, `vs read` = method / "
-        "read); `vs eager, minima` compares each method's fastest repeat.",
+        "read, where one-call methods are compared with `read-one-call`); `vs eager, minima` compares each "
+        "method's fastest repeat. On CUDA every time is the span between two CUDA events around the call.",
         "The load average is the 1-minute figure of the whole machine: when it exceeds the core count,",
         "other jobs ran beside and multi-threaded timings (torch's own reductions most of all) suffer;",
         "the single-thread rows are the steadier comparison.",
@@ -185,6 +223,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sweep", action="store_true",
+                        help="CUDA: also time one-call launches of the Triton row kernel with other settings")
     parser.add_argument("--out", default=None,
                         help="output path without suffix (default bench/results/mass_<device type>)")
     args = parser.parse_args()
@@ -196,7 +236,7 @@ def main() -> None:
         thread_counts = [torch.get_num_threads()] if device.type == "cuda" else \
             list(dict.fromkeys([torch.get_num_threads(), 1]))
     logits = setup_mass(args.rows, args.classes, DTYPES[args.dtype], args.device, args.seed)
-    methods = stream_methods(logits, args.batch, args.backend)
+    methods = stream_methods(logits, args.batch, args.backend, sweep=args.sweep and device.type == "cuda")
 
     fused_mass, eager_mass = methods["fused"](), methods["eager"]()
     max_rel_diff = float(((fused_mass - eager_mass).abs() / eager_mass.abs().clamp_min(1e-30)).max())
@@ -213,7 +253,8 @@ def main() -> None:
         results += [
             dict(threads=threads, method=name, median_ms=1e3 * median[name], min_ms=1e3 * min(values),
                  max_ms=1e3 * max(values), gb_per_s=logits_bytes / median[name] / 1e9,
-                 speedup_vs_eager=median["eager"] / median[name], ratio_vs_read=median[name] / median["read"],
+                 speedup_vs_eager=median["eager"] / median[name],
+                 ratio_vs_read=median[name] / median[read_of(name)],
                  speedup_vs_eager_of_minima=min(seconds["eager"]) / min(values),
                  load_before=load_before, load_after=load_after, seconds=values)
             for name, values in seconds.items()
@@ -226,10 +267,10 @@ def main() -> None:
                     logits_mb=logits_bytes / 1e6),
         max_rel_diff_fused_vs_eager=max_rel_diff, results=results,
     )
-    print(f"{'threads':<8}{'method':<16}{'median ms':>12}{'min ms':>10}{'GB/s':>8}{'vs eager':>10}"
+    print(f"{'threads':<8}{'method':<24}{'median ms':>12}{'min ms':>10}{'GB/s':>8}{'vs eager':>10}"
           f"{'vs read':>9}{'load':>8}")
     for r in results:
-        print(f"{r['threads']:<8}{r['method']:<16}{r['median_ms']:>12.1f}{r['min_ms']:>10.1f}{r['gb_per_s']:>8.1f}"
+        print(f"{r['threads']:<8}{r['method']:<24}{r['median_ms']:>12.1f}{r['min_ms']:>10.1f}{r['gb_per_s']:>8.1f}"
               f"{r['speedup_vs_eager']:>9.2f}x{r['ratio_vs_read']:>8.2f}x{r['load_before'][0]:>8}")
     print(f"max relative difference fused vs eager mass: {max_rel_diff:.2e}")
 

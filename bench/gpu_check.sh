@@ -7,17 +7,19 @@
 # 1. installs the package with no network (`pip install --no-build-isolation --no-deps --no-index
 #    -e .`; the extension is built for this GPU's architecture only). If the build fails the check
 #    goes on from the source tree: the Triton backend does not need the compiled extension;
-# 2. runs the CUDA variants of the tests (CUDA C++, re-balancing, fused linear, Triton);
+# 2. checks that bad input raises Python errors from the compiled ops (bench/gpu_error_paths.py),
+#    then runs the CUDA variants of the tests (CUDA C++, re-balancing, fused linear, Triton);
 # 3. the open issues' GPU targets first: bench/bench_mass.py --device cuda (issue 5: the mass pass
 #    vs a read of the logits) and bench/bench_linear_cuda.py (issue 7: chunked fused linear vs the
 #    matmuls + fused kernel);
 # 4. bench/bench_gpu.py (issue 3's shapes, every implementation side by side, the CUDA C++ backend
 #    included when built); Markdown + JSON with GPU name, versions and date under OUT_DIR (and, packed
 #    as gpu_results.tar.gz with the log, under $OUT when set);
-# 5. with the time left: bench/bench_cuda.py (cuda vs triton crossover, for backend="auto").
+# 5. with the time left: bench/bench_cuda.py (cuda vs triton crossover, for backend="auto"; skipped
+#    when GALA_SKIP_CROSSOVER is set).
 # bench/gpu_check_cuda.sh is a longer, CUDA-only sibling (all CUDA tests, the full sweep).
 # Budget: under 7.5 minutes in all. Each stage has a timeout taken from what is left of a 440 s
-# deadline (install <= 150 s, tests <= 130 s, mass <= 45 s, linear <= 60 s, the benchmark the
+# deadline (install <= 150 s, error paths <= 90 s, tests <= 130 s, mass <= 60 s, linear <= 90 s, the benchmark the
 # rest), so every stage gets its turn; the benchmarks write their files after every shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +75,10 @@ for name in ("triton", "cuda"):
 print("backend 'auto' on CUDA picks", repr(backends.auto_cuda_backend(torch.empty(1, 1, device="cuda"))))
 PY
 
+stage "error paths: bench/gpu_error_paths.py (bad input must raise, never kill the process)"
+ERROR_PATHS_STATUS=0
+timeout 90 $PYTHON bench/gpu_error_paths.py || ERROR_PATHS_STATUS=$?
+
 stage "tests: CUDA variants (cuda, rebalance, linear, triton)"
 TEST_STATUS=0
 TEST_BUDGET=$(( $(left) - 200 ))
@@ -87,10 +93,12 @@ echo "pytest exit status: $TEST_STATUS"
 
 EXTRA_STATUS=0
 stage "benchmark: bench/bench_mass.py --device cuda (issue 5: mass pass vs a read)"
-timeout 45 $PYTHON bench/bench_mass.py --device cuda --repeats 10 --out "$OUT_DIR/mass_cuda" || EXTRA_STATUS=$?
+timeout 60 $PYTHON bench/bench_mass.py --device cuda --repeats 10 --sweep --out "$OUT_DIR/mass_cuda" \
+  || EXTRA_STATUS=$?
 
 stage "benchmark: bench/bench_linear_cuda.py (issue 7: chunked vs matmuls + fused kernel)"
-timeout 60 $PYTHON bench/bench_linear_cuda.py --out "$OUT_DIR/linear_cuda" || EXTRA_STATUS=$?
+timeout 90 $PYTHON bench/bench_linear_cuda.py --chunk-mib 1024 4096 --out "$OUT_DIR/linear_cuda" \
+  || EXTRA_STATUS=$?
 
 stage "benchmark: bench/bench_gpu.py"
 REMAINING=$(( $(left) - 50 ))
@@ -103,10 +111,10 @@ BENCH_STATUS=0
 timeout "$REMAINING" $PYTHON bench/bench_gpu.py --out "$OUT_DIR" --rep-ms "${GALA_BENCH_REP_MS:-100}" \
   --compile-max-elements "$COMPILE_MAX" || BENCH_STATUS=$?
 
-if [ "$(left)" -gt 30 ]; then
+if [ "$(left)" -gt 30 ] && [ -z "${GALA_SKIP_CROSSOVER:-}" ]; then
   stage "benchmark: bench/bench_cuda.py (cuda vs triton crossover)"
   timeout $(( $(left) - 5 )) $PYTHON bench/bench_cuda.py --out "$OUT_DIR" --rep-ms 50 || EXTRA_STATUS=$?
 fi
 
-stage "done: install $INSTALL_STATUS, tests $TEST_STATUS, benchmark $BENCH_STATUS, extra $EXTRA_STATUS"
-[ "$TEST_STATUS" -eq 0 ] && [ "$BENCH_STATUS" -eq 0 ]
+stage "done: install $INSTALL_STATUS, error paths $ERROR_PATHS_STATUS, tests $TEST_STATUS, benchmark $BENCH_STATUS, extra $EXTRA_STATUS"
+[ "$TEST_STATUS" -eq 0 ] && [ "$BENCH_STATUS" -eq 0 ] && [ "$ERROR_PATHS_STATUS" -eq 0 ]

@@ -87,9 +87,26 @@ def availability(name: str, device: torch.device) -> Tuple[bool, str]:
 def softmax_colsum(logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """``colsum[j] = sum_i softmax(logits[i, :])[j]`` as a ``(C,)`` tensor in the math dtype."""
     check_logits(logits)
-    name = backends.resolve(backend, logits, MASS)
+    return _colsum(logits, backends.resolve(backend, logits, MASS))
+
+
+def _colsum(logits: torch.Tensor, name: str) -> torch.Tensor:
     if name == "torch":
         return softmax_colsum_torch(logits)
     if name == "cpu":
         return native_softmax_colsum()(logits)
     return _triton_mass.softmax_colsum_op()(logits)
+
+
+def accumulate_softmax_colsum(logits: torch.Tensor, out: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``out += softmax_colsum(logits)`` for a contiguous float32/float64 ``(C,)`` ``out``.
+
+    With the Triton backend outside ``torch.compile`` the kernel adds into ``out`` itself: one
+    launch per batch, no temporary (a streamed evaluation calls this once per batch, where launch
+    and allocation overheads dominate a GPU's few microseconds of work).
+    """
+    check_logits(logits)
+    name = backends.resolve(backend, logits, MASS)
+    if name == "triton" and not torch.compiler.is_compiling():
+        return _triton_mass.softmax_colsum_triton(logits, out)
+    return out.add_(_colsum(logits, name).to(out.dtype))

@@ -125,8 +125,7 @@ class PredictionRebalancer(nn.Module):
                              f"{self.mass.device}; move it with rebalancer.to(logits.device)")
         if logits.shape[0] == 0:
             return
-        colsum = mass_ops.softmax_colsum(logits.detach(), backend=self.backend)
-        self.mass += colsum.to(torch.float64)
+        mass_ops.accumulate_softmax_colsum(logits.detach(), self.mass, backend=self.backend)
         self.num_rows += logits.shape[0]
         self._has_rows = True
         self._version += 1

@@ -177,7 +177,11 @@ def test_accumulation_and_pairwise_over_steps(cuda, accumulation, track_pairwise
         logits, labels = cuda_inputs(24, C, dtype, cuda, ignore_every=5, seed=100 + step)
         result = run_step(logits, labels, state, backend="cuda")
         truth = run_step(logits.double(), labels, truth_state, backend="torch")
-        assert_close_to_truth(result, truth, dtype)
+        assert_close_to_truth(result, truth, dtype)  # the state at fp32 tolerance (STATE_TOLERANCE)
+        # The state is fp32 and its increments are fp32 sums in atomic (arbitrary) order, so the
+        # two states differ by a few fp32 ulps after a step; the next step's margins would carry
+        # that ~1e-7 relative difference into a float64 gradient. Each step starts from one state.
+        truth_state.load_state_dict(state.state_dict())
     assert int(state.steps) == 4
 
 
@@ -402,6 +406,7 @@ def test_prefer_cuda_rule_is_a_shape_rule():
     small = cuda_rule.prefer_cuda(512, 8142, torch.float32)
     large = cuda_rule.prefer_cuda(8192, 32768, torch.bfloat16)
     assert isinstance(small, bool) and isinstance(large, bool)
-    assert small and not large  # the provisional rule: CUDA for small steps, Triton for large ones
+    assert small and large  # measured on an H200: the CUDA op wins up to 32,768 classes at any batch
+    assert not cuda_rule.prefer_cuda(2048, 131072, torch.bfloat16)  # Triton past shared-memory stats
     assert cuda_rule.prefer_cuda(1024, 1000, torch.float32)
     assert not cuda_rule.prefer_cuda(0, 10, torch.float32)  # an empty step prefers nothing

@@ -120,6 +120,29 @@ def test_triton_both_kernels_and_program_splits(device, dtype):
     # (forced by a small max_row_block) with C not a multiple of its column block
     _check_colsum(device, "triton", 11, 37, dtype, rows_per_program=3)
     _check_colsum(device, "triton", 19, 37, dtype, max_row_block=16)
+    # tiles of 4 rows over programs of 3 and 5 rows: partial tiles at every program's end
+    _check_colsum(device, "triton", 11, 37, dtype, rows_per_program=3, rows_per_tile=4)
+    _check_colsum(device, "triton", 13, 37, dtype, rows_per_program=5, rows_per_tile=2, num_warps=2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_accumulate_adds_into_a_float64_mass(device):
+    """``accumulate_softmax_colsum`` adds (the Triton kernel straight into ``out``), every backend."""
+    z1, z2 = random_logits(6, 37, torch.float32, device), random_logits(9, 37, torch.bfloat16, device, seed=1)
+    truth = reference_mass(z1) + reference_mass(z2)
+    for backend in ("torch", "cpu", "triton"):
+        if not mass_ops.availability(backend, torch.device(device))[0]:
+            continue
+        mass = torch.zeros(37, dtype=torch.float64, device=device)
+        mass_ops.accumulate_softmax_colsum(z1, mass, backend=backend)
+        mass_ops.accumulate_softmax_colsum(z2, mass, backend=backend)
+        assert mass.dtype == torch.float64
+        assert_mass_close(mass, truth, 15, torch.bfloat16)
+    if mass_ops.availability("triton", torch.device(device))[0]:
+        from gala_kernels.backends.triton_mass import softmax_colsum_triton
+
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            softmax_colsum_triton(z1, torch.zeros(36, dtype=torch.float64, device=device))
 
 
 def test_cpu_op_is_deterministic_across_thread_counts():

@@ -94,6 +94,8 @@ def check_once(B, C, dtype, device, *, reduction="mean", ignore_every=3, scale=3
         torch.testing.assert_close(loss.double(), t_loss, equal_nan=True, **tol)
         torch.testing.assert_close(grad.double(), t_grad, equal_nan=True, **tol)
         assert_state_close(snap, t_snap)
+        if with_state:  # next step from the same state: see test_cuda_backend's accumulation test
+            truth_state.load_state_dict(state.state_dict())
     return loss, grad, state
 
 

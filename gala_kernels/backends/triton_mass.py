@@ -8,12 +8,17 @@ This module computes one call's share, ``colsum[j] = sum_{i < B} softmax(z[i, :]
 in the math dtype (float32, float64 for float64 logits). Two kernels:
 
 * ``_colsum_rows_kernel`` (``C <= MAX_ROW_BLOCK``): a whole row fits one block. Each program
-  walks ``rows_per_program`` rows one at a time (row max, ``e = exp(z - max)``,
-  ``acc += e / sum(e)``), keeps the column sums of its rows in registers and adds them to
-  ``colsum`` with one ``tl.atomic_add`` per column at the end. The logits are read once.
+  walks ``rows_per_program`` rows, ``ROWS`` at a time (a ``(ROWS, BLOCK_C)`` tile: row max,
+  ``e = exp(z - max)``, ``acc += sum over the tile's rows of e / sum(e)``), keeps the column sums
+  of its rows in registers and adds them to ``out`` with one ``tl.atomic_add`` per column at the
+  end. The logits are read once. Several rows per tile keep more loads in flight while the
+  row reductions of the tile wait (one row at a time ran at a third of a read on an H200).
 * ``_colsum_tiles_kernel`` (larger ``C``): a program owns ``BLOCK_R`` rows; pass 1 is an online
   logsumexp over column blocks, pass 2 re-reads each ``(BLOCK_R, BLOCK_C)`` tile, sums
   ``exp(z - lse)`` over its rows and adds the ``BLOCK_C`` partial sums atomically.
+
+The kernels ADD into ``out`` (zeros for a plain call; ``PredictionRebalancer.update`` passes its
+float64 ``mass``, so an update is one launch and no temporary).
 
 Both reduce over several rows per program before any atomic. Atomics make the float32 sums
 order-dependent across programs (last-bit differences between runs); the C++ CPU op is the
@@ -45,13 +50,15 @@ TILE_COLS = 1024
 # handles (bounds the atomics to 1/MIN_ROWS_PER_PROGRAM of the logits' elements).
 PROGRAMS_PER_SM = 4
 MIN_ROWS_PER_PROGRAM = 4
+# Most rows in one tile of the row kernel.
+ROWS_PER_TILE_MAX = 8
 
 
 @triton.jit
 def _colsum_rows_kernel(
     # data ptrs
     logits_ptr,  # (B, C), row stride `stride_row`, unit column stride
-    colsum_ptr,  # (C,) ACC_DTYPE, zeroed; receives sum_i softmax(z[i, :])
+    out_ptr,  # (C,) float32 or float64; receives += sum_i softmax(z[i, :])
     # shapes and strides
     n_rows,
     n_cols,
@@ -59,6 +66,7 @@ def _colsum_rows_kernel(
     rows_per_program,
     # constants
     BLOCK_C: tl.constexpr,  # next power of two >= n_cols
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
     ACC_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 logits
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -67,23 +75,27 @@ def _colsum_rows_kernel(
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, n_rows)
     acc = tl.zeros([BLOCK_C], dtype=ACC_DTYPE)
-    for row in range(row_start, row_end):
-        # 1. p = softmax(z) of one row: masked columns are -inf, so exp gives 0 there.
+    for r0 in range(row_start, row_end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
+        row_in = rows < row_end
+        # 1. p = softmax(z) of each row of the tile: masked columns are -inf, so exp gives 0 there.
         #    A row of NaN / +inf, or -inf everywhere, gives NaN throughout, as torch.softmax.
-        z = tl.load(logits_ptr + row * stride_row + cols, mask=col_mask, other=float("-inf"))
+        z = tl.load(logits_ptr + rows[:, None] * stride_row + cols[None, :],
+                    mask=row_in[:, None] & col_mask[None, :], other=float("-inf"))
         z = z.to(ACC_DTYPE)
-        e = tl.exp(z - tl.max(z, axis=0))
-        # 2. acc[j] += p[j], summed over this program's rows.
-        acc += e / tl.sum(e, axis=0)
+        e = tl.exp(z - tl.max(z, axis=1)[:, None])
+        p = e * (1.0 / tl.sum(e, axis=1))[:, None]
+        # 2. acc[j] += p[i, j] over the tile's rows (rows past row_end are all -inf: NaN, dropped).
+        acc += tl.sum(tl.where(row_in[:, None], p, 0.0), axis=0)
     # 3. One atomic per column per program.
-    tl.atomic_add(colsum_ptr + cols, acc, mask=col_mask)
+    tl.atomic_add(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
 def _colsum_tiles_kernel(
     # data ptrs
     logits_ptr,  # (B, C), row stride `stride_row`, unit column stride
-    colsum_ptr,  # (C,) ACC_DTYPE, zeroed; receives sum_i softmax(z[i, :])
+    out_ptr,  # (C,) float32 or float64; receives += sum_i softmax(z[i, :])
     # shapes and strides
     n_rows,
     n_cols,
@@ -119,7 +131,7 @@ def _colsum_tiles_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         z = tl.load(row_ptrs + cols[None, :], mask=mask, other=float("-inf")).to(ACC_DTYPE)
         p = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)
-        tl.atomic_add(colsum_ptr + cols, tl.sum(p, axis=0), mask=col_mask)
+        tl.atomic_add(out_ptr + cols, tl.sum(p, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
 @functools.cache
@@ -127,45 +139,69 @@ def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _default_rows_per_program(logits: torch.Tensor) -> int:
+def _default_rows_per_program(logits: torch.Tensor, programs_per_sm: int) -> int:
     """Enough programs to fill the GPU, each summing at least MIN_ROWS_PER_PROGRAM rows."""
     B = logits.shape[0]
     if logits.device.type != "cuda":  # the interpreter: a few programs exercise the atomics
         return max(1, triton.cdiv(B, 4))
-    target_programs = PROGRAMS_PER_SM * _multiprocessor_count(logits.device.index or 0)
+    target_programs = programs_per_sm * _multiprocessor_count(logits.device.index or 0)
     return max(MIN_ROWS_PER_PROGRAM, triton.cdiv(B, target_programs))
 
 
+def row_kernel_config(block_c: int):
+    """``(ROWS, num_warps)`` of the row kernel for a row block of ``block_c`` columns: about 32
+    values of the ``(ROWS, block_c)`` tile per thread, 4 to 16 warps."""
+    num_warps = min(16, max(4, block_c // 512))
+    rows = max(1, min(ROWS_PER_TILE_MAX, (32 * 32 * num_warps) // block_c))
+    return rows, num_warps
+
+
 def softmax_colsum_triton(
-    logits: torch.Tensor, *, rows_per_program: Optional[int] = None, max_row_block: int = MAX_ROW_BLOCK
+    logits: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+    *,
+    rows_per_program: Optional[int] = None,
+    max_row_block: int = MAX_ROW_BLOCK,
+    rows_per_tile: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    programs_per_sm: int = PROGRAMS_PER_SM,
 ) -> torch.Tensor:
-    """Launch the mass pass; ``rows_per_program`` and ``max_row_block`` are for tests and tuning."""
+    """Launch the mass pass: ``out += colsum`` (``out`` = zeros in the math dtype when None).
+
+    ``out`` must be a contiguous ``(C,)`` float32/float64 tensor on the logits' device. The other
+    keywords override the launch rule (tests and ``bench/bench_mass.py``'s sweep use them).
+    """
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     B, C = logits.shape
     acc_dtype = mass_ops.math_dtype(logits.dtype)
-    colsum = torch.zeros(C, dtype=acc_dtype, device=logits.device)
+    if out is None:
+        out = torch.zeros(C, dtype=acc_dtype, device=logits.device)
+    elif not (out.shape == (C,) and out.is_contiguous() and out.device == logits.device
+              and out.dtype in (torch.float32, torch.float64)):
+        raise ValueError(f"out must be a contiguous ({C},) float32/float64 tensor on {logits.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if B == 0:
-        return colsum
+        return out
     tl_acc = tl.float64 if acc_dtype == torch.float64 else tl.float32
     block_c = triton.next_power_of_2(C)
     if block_c <= max_row_block:
-        rows = rows_per_program or _default_rows_per_program(logits)
+        rule_rows, rule_warps = row_kernel_config(block_c)
+        rows_per_tile = rows_per_tile or rule_rows
+        rows = rows_per_program or _default_rows_per_program(logits, programs_per_sm)
         grid = (triton.cdiv(B, rows),)
-        # 4 warps per 2048 columns, 4..16 warps: a few dozen values per thread.
-        num_warps = min(16, max(4, block_c // 512))
         _colsum_rows_kernel[grid](
-            logits, colsum, B, C, logits.stride(0), rows,
-            BLOCK_C=block_c, ACC_DTYPE=tl_acc, num_warps=num_warps,
+            logits, out, B, C, logits.stride(0), rows,
+            BLOCK_C=block_c, ROWS=rows_per_tile, ACC_DTYPE=tl_acc, num_warps=num_warps or rule_warps,
         )
     else:
         block_cols = min(TILE_COLS, block_c)
         grid = (triton.cdiv(B, TILE_ROWS),)
         _colsum_tiles_kernel[grid](
-            logits, colsum, B, C, logits.stride(0),
-            BLOCK_R=TILE_ROWS, BLOCK_C=block_cols, ACC_DTYPE=tl_acc, num_warps=8,
+            logits, out, B, C, logits.stride(0),
+            BLOCK_R=TILE_ROWS, BLOCK_C=block_cols, ACC_DTYPE=tl_acc, num_warps=num_warps or 8,
         )
-    return colsum
+    return out
 
 
 @torch.library.custom_op("gala_triton::softmax_colsum", mutates_args=())
