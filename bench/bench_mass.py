@@ -86,9 +86,8 @@ def stream_methods(logits: torch.Tensor, batch: int, backend: str,
     return methods
 
 
-# (rows per tile, warps) of the Triton row kernel tried by --sweep: at most 64 tile values per thread
-SWEEP_TILES = ((1, 8), (1, 16), (2, 8), (2, 16), (4, 16))
-SWEEP_PROGRAMS_PER_SM = (2, 4, 8)
+# (rows per tile, warps, programs per SM) of the Triton row kernel tried by --sweep
+SWEEP_CONFIGS = ((1, 16, 1), (1, 16, 2), (1, 16, 4), (1, 32, 1), (1, 32, 2), (2, 32, 1), (1, 8, 1), (1, 8, 2))
 
 
 def row_kernel_sweep(logits: torch.Tensor) -> Dict[str, Callable[[], torch.Tensor]]:
@@ -98,11 +97,10 @@ def row_kernel_sweep(logits: torch.Tensor) -> Dict[str, Callable[[], torch.Tenso
     if logits.shape[1] > triton_mass.MAX_ROW_BLOCK:
         return {}
     variants = {}
-    for rows_per_tile, warps in SWEEP_TILES:
-        for per_sm in SWEEP_PROGRAMS_PER_SM:
-            variants[f"one-call R{rows_per_tile} w{warps} p{per_sm}"] = (
-                lambda r=rows_per_tile, w=warps, p=per_sm: triton_mass.softmax_colsum_triton(
-                    logits, rows_per_tile=r, num_warps=w, programs_per_sm=p))
+    for rows_per_tile, warps, per_sm in SWEEP_CONFIGS:
+        variants[f"one-call R{rows_per_tile} w{warps} p{per_sm}"] = (
+            lambda r=rows_per_tile, w=warps, p=per_sm: triton_mass.softmax_colsum_triton(
+                logits, rows_per_tile=r, num_warps=w, programs_per_sm=p))
     return variants
 
 

@@ -55,6 +55,7 @@ print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", 
       "| triton", triton.__version__, "|", torch.cuda.get_device_name(0))
 PY
 nvcc --version | tail -1 || true
+echo "host compiler: $(c++ --version 2>/dev/null | head -1)"
 
 stage "install (no network)"
 ARCH=${GALA_CUDA_ARCHS:-$($PYTHON -c 'import torch; m, n = torch.cuda.get_device_capability(); print(f"{m}{n}")')}
@@ -97,7 +98,7 @@ timeout 60 $PYTHON bench/bench_mass.py --device cuda --repeats 10 --sweep --out 
   || EXTRA_STATUS=$?
 
 stage "benchmark: bench/bench_linear_cuda.py (issue 7: chunked vs matmuls + fused kernel)"
-timeout 90 $PYTHON bench/bench_linear_cuda.py --chunk-mib 1024 4096 --out "$OUT_DIR/linear_cuda" \
+timeout 90 $PYTHON bench/bench_linear_cuda.py --chunk-mib 256 4096 --out "$OUT_DIR/linear_cuda" \
   || EXTRA_STATUS=$?
 
 stage "benchmark: bench/bench_gpu.py"

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
@@ -13,6 +14,21 @@ namespace gala {
 enum class Reduction : int64_t { None = 0, Mean = 1, Sum = 2 };
 
 using FusedCeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Pieces of error messages as strings. Every number, shape and device in a message of this
+// extension goes through these (std::to_string; Device::str() lives in libc10), never through
+// an std::ostream: on an H200 machine (Python 3.12, torch 2.11 wheel, the extension built there
+// with its own compiler; 2026-11-27) each TORCH_CHECK of this extension whose message streamed an
+// integer killed the process with SIGSEGV, while messages of strings and dtype names raised.
+inline std::string num_str(int64_t value) { return std::to_string(value); }
+
+inline std::string shape_str(at::IntArrayRef sizes) {
+  std::string text = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + "]";
+}
+
+inline std::string device_str(const at::Device& device) { return device.str(); }
 
 // Checks shared by every device implementation; a user error raises ValueError / RuntimeError
 // naming the argument, before anything is written.

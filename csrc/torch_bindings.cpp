@@ -26,26 +26,30 @@ namespace gala {
 
 void check_fused_ce_args(const at::Tensor& logits, const at::Tensor& labels,
                          const std::optional<at::Tensor>& class_bias, int64_t reduction) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D (B, C), got shape ", logits.sizes());
-  TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have at least one class, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 2, "logits must be 2-D (B, C), got shape ", shape_str(logits.sizes()));
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "logits must have at least one class, got shape ",
+                    shape_str(logits.sizes()));
   const auto dtype = logits.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
                    "logits must be float32, float64, bfloat16 or float16, got ", dtype);
   TORCH_CHECK_VALUE(labels.dim() == 1 && labels.size(0) == logits.size(0),
-                    "labels must have shape (B,) = (", logits.size(0), ",), got ", labels.sizes());
+                    "labels must have shape (B,) = (", num_str(logits.size(0)), ",), got ",
+                    shape_str(labels.sizes()));
   TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
-  TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels are on ", labels.device(),
-                    " but logits are on ", logits.device());
-  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ", reduction);
+  TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels are on ", device_str(labels.device()),
+                    " but logits are on ", device_str(logits.device()));
+  TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, "reduction code must be 0, 1 or 2, got ",
+                    num_str(reduction));
   if (class_bias.has_value()) {
     const auto& bias = *class_bias;
     const auto math_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
     TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == logits.size(1),
-                      "class_bias must have shape (C,) = (", logits.size(1), ",), got ", bias.sizes());
+                      "class_bias must have shape (C,) = (", num_str(logits.size(1)), ",), got ",
+                      shape_str(bias.sizes()));
     TORCH_CHECK_TYPE(bias.scalar_type() == math_dtype, "class_bias must be ", math_dtype, " for ", dtype,
                      " logits, got ", bias.scalar_type());
-    TORCH_CHECK_VALUE(bias.device() == logits.device(), "class_bias is on ", bias.device(),
-                      " but logits are on ", logits.device());
+    TORCH_CHECK_VALUE(bias.device() == logits.device(), "class_bias is on ", device_str(bias.device()),
+                      " but logits are on ", device_str(logits.device()));
   }
 }
 

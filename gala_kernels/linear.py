@@ -22,10 +22,16 @@ forward: then the forward stores nothing big, and the backward recomputes the ch
 fused op, no statistics) with ``dlogits_c * grad_output_c``.
 
 Default chunk rule (:func:`default_chunk_rows`): the chunk's logits take at most
-``CHUNK_BYTES_CPU`` = 64 MiB on CPU and ``CHUNK_BYTES_CUDA`` = 256 MiB on CUDA (counted in fp32),
-in a multiple of 8 rows (tensor-core friendly row counts), at least 8 rows, at most B rows. The
-extra memory of a call is then a few chunk-sized buffers (logits, dlogits, the op's scratch) plus
-the gradients of ``x``, ``W`` and ``b``.
+``CHUNK_BYTES_CPU`` = 64 MiB on CPU and ``CHUNK_BYTES_CUDA`` = 1 GiB on CUDA (counted in fp32),
+in chunks of equal size, a multiple of 8 rows (tensor-core friendly row counts), at least 8 rows,
+at most B rows. The extra memory of a call is then a few chunk-sized buffers (logits, dlogits,
+the op's scratch) plus the gradients of ``x``, ``W`` and ``b``. On an H200 (2026-11-27,
+bench/results/linear_cuda.md) 256 MiB chunks of 664 rows at C = 100,000 ran 1.39x slower than the
+unchunked step, 1 GiB chunks 1.16x (fp32) and 1.11x (bf16), one chunk 1.08x and 0.99x.
+
+When one chunk holds the whole batch, the fused op gets the call's own reduction (``w_i = 1/N``
+inside the kernel) and ``grad_W = dlogits.T @ x`` is one matmul in the input dtype, exactly as
+the unchunked step computes it: no fp32 accumulator, no rescaling pass.
 """
 
 from __future__ import annotations
@@ -41,21 +47,25 @@ from .ops import REDUCTION_CODES
 from .state import GALAState
 
 CHUNK_BYTES_CPU = 64 * 2**20
-CHUNK_BYTES_CUDA = 256 * 2**20
+CHUNK_BYTES_CUDA = 2**30
 CHUNK_ROW_MULTIPLE = 8
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def default_chunk_rows(batch: int, num_classes: int, device: torch.device) -> int:
-    """Rows per chunk: the chunk's logits fit in 64 MiB (CPU) / 256 MiB (CUDA), counted in fp32.
+    """Rows per chunk: the chunk's logits fit in 64 MiB (CPU) / 1 GiB (CUDA), counted in fp32.
 
-    Rounded down to a multiple of 8 rows, at least 8 and at most ``batch`` (rounded up to 8).
+    The batch is cut into the fewest chunks that fit, of equal size (no small last chunk: a GPU
+    kernel given a few hundred long rows leaves SMs idle), rounded up to a multiple of 8 rows: at
+    least 8 rows, at most the budget + 7 rows, at most ``batch`` (rounded up to 8).
     """
     budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
-    rows = budget // (4 * max(num_classes, 1))
-    rows = max(CHUNK_ROW_MULTIPLE, rows // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
-    whole_batch = -(-max(batch, 1) // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
-    return min(rows, whole_batch)
+    fitting = budget // (4 * max(num_classes, 1)) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    fitting = max(CHUNK_ROW_MULTIPLE, fitting)
+    batch = max(batch, 1)
+    chunks = -(-batch // fitting)
+    rows = -(-batch // chunks)
+    return -(-rows // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -124,11 +134,16 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         keep_grads = config.grad_enabled and config.reduction != "none" and (need_x or need_w or need_b)
         acc = _grad_dtype(x.dtype)
+        one_chunk = 0 < B <= config.chunk_rows  # the whole batch at once: no accumulation over chunks
         grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if keep_grads and need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if keep_grads and need_w else None
-        grad_b = torch.zeros(C, dtype=acc, device=x.device) if keep_grads and need_b else None
+        accumulate = keep_grads and not one_chunk  # grad_W and grad_b summed over chunks, in fp32
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=x.device) if accumulate and need_w else None
+        grad_b = torch.zeros(C, dtype=acc, device=x.device) if accumulate and need_b else None
 
-        chunk_reduction = "none" if config.reduction == "none" else "sum"
+        if config.reduction == "none":
+            chunk_reduction = "none"
+        else:  # one chunk: the kernel applies w_i = 1/N itself ("mean"); else the sums are scaled below
+            chunk_reduction = config.reduction if one_chunk else "sum"
         losses = []
         raw = raw_pairwise = counts = None
         for start in range(0, B, config.chunk_rows):
@@ -149,15 +164,21 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
             if keep_grads:
                 if grad_x is not None:  # grad_x_c = dlogits_c @ W
                     torch.mm(dlogits_c, weight, out=grad_x[start:stop])
-                if grad_w is not None:  # grad_W += dlogits_c.T @ x_c
-                    _accumulate_grad_weight(grad_w, dlogits_c, x_c)
-                if grad_b is not None:  # grad_b += sum over rows of dlogits_c
-                    grad_b.add_(dlogits_c.sum(dim=0, dtype=acc))
+                if one_chunk:  # as the unchunked step: grad_W = dlogits.T @ x in the input dtype
+                    grad_w = dlogits_c.t() @ x_c if need_w else None
+                    grad_b = dlogits_c.sum(dim=0, dtype=acc) if need_b else None
+                else:
+                    if grad_w is not None:  # grad_W += dlogits_c.T @ x_c
+                        _accumulate_grad_weight(grad_w, dlogits_c, x_c)
+                    if grad_b is not None:  # grad_b += sum over rows of dlogits_c
+                        grad_b.add_(dlogits_c.sum(dim=0, dtype=acc))
             del dlogits_c
 
         valid = labels != config.ignore_index
         if config.reduction == "none":
             loss = torch.cat(losses) if losses else x.new_zeros(0)
+        elif one_chunk:  # already the call's mean or sum, gradients included
+            loss = losses[0]
         else:
             total = torch.stack(losses).to(acc).sum() if losses else x.new_zeros((), dtype=acc)
             loss = total
@@ -278,7 +299,7 @@ def fused_linear_gala_ce(
 
     ``x`` is ``(B, D)``, ``weight`` ``(C, D)`` (an ``nn.Linear``'s weight), ``bias`` ``(C,)`` or
     None, all of one dtype and device. The batch is processed ``chunk_size`` rows at a time
-    (default: :func:`default_chunk_rows`, chunk logits <= 64 MiB on CPU, 256 MiB on CUDA); the loss,
+    (default: :func:`default_chunk_rows`, chunk logits <= 64 MiB on CPU, 1 GiB on CUDA); the loss,
     the gradients of ``x``, ``weight`` and ``bias`` and the state after the call equal those of the
     unchunked ``fused_gala_ce`` (up to the summation order of the chunks).
 
@@ -288,7 +309,7 @@ def fused_linear_gala_ce(
     """
     _check_inputs(x, weight, labels, state, bias, reduction, chunk_size)
     C = weight.shape[0]
-    name = backends.resolve(backend, x)
+    name = backends.resolve(backend, x, shape=(x.shape[0], C))  # decided by the logits' shape
     if name != "cpu":  # the C++ CPU op checks the labels itself, with the same message
         check_label_range(labels, C, ignore_index)
     compute_stats = state is not None and update_state

@@ -20,7 +20,9 @@ from gala_kernels import backends
 from gala_kernels.linear import default_chunk_rows, fused_linear_gala_ce
 
 # (B, D, C, chunk rows): C = 1, 2, odd, larger than a kernel block; B not a multiple of the chunk
-SHAPES = [(5, 3, 1, 2), (9, 4, 2, 4), (37, 5, 13, 8), (130, 7, 300, 64)]
+# (B, D, C, chunk rows); the last: one chunk holds the batch (the kernel's own reduction, grad_W
+# in one matmul)
+SHAPES = [(5, 3, 1, 2), (9, 4, 2, 4), (37, 5, 13, 8), (130, 7, 300, 64), (37, 5, 13, 40)]
 
 
 def make_linear_inputs(B, D, C, dtype, *, seed=0, ignore_every=5, device="cpu"):
@@ -77,12 +79,14 @@ def test_matches_unchunked(backend, dtype, reduction, B, D, C, chunk):
     assert chunked[2]["steps"] == state.steps + 1
 
 
+@pytest.mark.parametrize("chunk_size", [16, 64])  # 4 chunks (fp32 accumulation), one chunk
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_matches_unchunked(dtype):
+def test_low_precision_matches_unchunked(dtype, chunk_size):
     """The logits are rounded to the input dtype in both paths; the gradients of W and b are
     accumulated in fp32 over chunks here, so agreement is within the dtype's rounding."""
     x, weight, bias, labels = make_linear_inputs(64, 8, 37, dtype)
-    chunked, unchunked = run_both(x, weight, bias, labels, warmed_state(37), backend="cpu", chunk_size=16)
+    chunked, unchunked = run_both(x, weight, bias, labels, warmed_state(37), backend="cpu",
+                                  chunk_size=chunk_size)
     loose = dict(atol=3e-2, rtol=3e-2)
     torch.testing.assert_close(chunked[0].float(), unchunked[0].float(), **loose)
     for a, b in zip(chunked[1], unchunked[1]):
@@ -134,13 +138,19 @@ def test_no_state_no_bias_and_frozen_inputs():
 
 def test_default_chunk_rule():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert default_chunk_rows(8192, 100_000, cpu) == 160  # 64 MiB / (4 B * 100,000) = 167 -> 160
-    assert default_chunk_rows(8192, 100_000, cuda) == 664  # 256 MiB -> 671 -> 664
+    # 64 MiB / (4 B * 100,000) = 167 -> 160 rows fit; 52 chunks of 158 -> 160
+    assert default_chunk_rows(8192, 100_000, cpu) == 160
+    assert default_chunk_rows(8192, 100_000, cuda) == 2048  # 1 GiB -> 2680 fit; 4 equal chunks
     assert default_chunk_rows(8192, 10_000_000, cpu) == 8  # at least 8 rows
     assert default_chunk_rows(30, 10, cpu) == 32  # small problems: one chunk
-    for B, C in [(1, 1), (100, 7), (4096, 50_000)]:
-        rows = default_chunk_rows(B, C, cpu)
-        assert rows % 8 == 0 and (rows * C * 4 <= 64 * 2**20 or rows == 8)
+    assert default_chunk_rows(4096, 32_000, cuda) == 4096  # fits: one chunk
+    for B, C in [(1, 1), (100, 7), (4096, 50_000), (1000, 30_000), (8191, 100_000)]:
+        for device, budget in ((cpu, 64 * 2**20), (cuda, 2**30)):
+            rows = default_chunk_rows(B, C, device)
+            assert rows % 8 == 0 and ((rows - 7) * C * 4 <= budget or rows == 8)
+            chunks = -(-B // rows)
+            last = B - (chunks - 1) * rows
+            assert last > rows - 8 * chunks  # equal chunks: no small last chunk
 
 
 def test_bad_inputs_name_the_argument():

@@ -37,8 +37,9 @@ int64_t check_labels(const at::Tensor& labels, int64_t C, int64_t ignore_index) 
   int64_t n_valid = 0;
   for (int64_t i = 0; i < labels.numel(); ++i) {
     if (y[i] == ignore_index) continue;
-    TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "labels[", i, "] = ", y[i], " is out of range: labels must be in [0, ", C,
-                      ") or equal ignore_index=", ignore_index);
+    TORCH_CHECK_VALUE(y[i] >= 0 && y[i] < C, "labels[", num_str(i), "] = ", num_str(y[i]),
+                      " is out of range: labels must be in [0, ", num_str(C), ") or equal ignore_index=",
+                      num_str(ignore_index));
     ++n_valid;
   }
   return n_valid;

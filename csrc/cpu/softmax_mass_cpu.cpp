@@ -8,6 +8,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include "../ops.h"
 #include "softmax_mass_kernel.h"
 
 namespace gala::cpu {
@@ -32,9 +33,9 @@ KernelFn select_kernel() {
 
 at::Tensor softmax_colsum_cpu(const at::Tensor& logits_in) {
   TORCH_CHECK_VALUE(logits_in.dim() == 2, "softmax_colsum: logits must be 2-D (B, C), got shape ",
-                    logits_in.sizes());
+                    shape_str(logits_in.sizes()));
   TORCH_CHECK_VALUE(logits_in.size(1) >= 1, "softmax_colsum: logits must have at least one class, got shape ",
-                    logits_in.sizes());
+                    shape_str(logits_in.sizes()));
   const auto dtype = logits_in.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
                    "softmax_colsum: logits must be float32, float64, bfloat16 or float16, got ", dtype);

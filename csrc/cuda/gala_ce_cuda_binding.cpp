@@ -55,15 +55,17 @@ void raise_on_bad_label(const at::Tensor& workspace, int64_t C, int64_t ignore_i
   const at::Tensor found = workspace.slice(0, kFirstBadRow, kWorkspaceSlots).to(at::kCPU);
   const int64_t row = found.data_ptr<int64_t>()[0];
   const int64_t label = found.data_ptr<int64_t>()[1];
-  TORCH_CHECK_VALUE(row < 0, "labels[", row, "] = ", label, " is out of range: labels must be in [0, ", C,
-                    ") or equal ignore_index=", ignore_index);
+  TORCH_CHECK_VALUE(row < 0, "labels[", num_str(row), "] = ", num_str(label),
+                    " is out of range: labels must be in [0, ", num_str(C), ") or equal ignore_index=",
+                    num_str(ignore_index));
 }
 
 FusedCeOutputs fused_ce_fwd_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in,
                                  const std::optional<at::Tensor>& class_bias, int64_t ignore_index,
                                  int64_t reduction, bool compute_stats, bool track_pairwise) {
   check_fused_ce_args(logits_in, labels_in, class_bias, reduction);
-  TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor, got one on ", logits_in.device());
+  TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor, got one on ",
+                    device_str(logits_in.device()));
   const c10::cuda::CUDAGuard device_guard(logits_in.device());
   // Rows may be strided; columns must be unit-stride for the 16-byte vector loads.
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();

@@ -97,25 +97,33 @@ def availability(name: str, device: torch.device, family: OpFamily = FUSED_CE) -
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 
-def auto_cuda_backend(logits: torch.Tensor, family: OpFamily = FUSED_CE) -> str:
+def auto_cuda_backend(logits: torch.Tensor, family: OpFamily = FUSED_CE,
+                      shape: Optional[Tuple[int, int]] = None) -> str:
     """The backend ``"auto"`` uses for a CUDA tensor: the CUDA C++ op where
-    :func:`cuda_rule.prefer_cuda` says it is faster for the shape (small steps, where launch
-    overhead dominates), else Triton; the reference when neither is built."""
+    :func:`cuda_rule.prefer_cuda` says it is faster for the ``(B, C)`` logits shape (``shape``,
+    else ``logits.shape``), else Triton; the reference when neither is built."""
     cuda_ok = availability("cuda", logits.device, family)[0]
     triton_ok = availability("triton", logits.device, family)[0]
-    if cuda_ok and (not triton_ok or cuda_rule.prefer_cuda(logits.shape[0], logits.shape[1], logits.dtype)):
+    rows, classes = shape if shape is not None else logits.shape
+    if cuda_ok and (not triton_ok or cuda_rule.prefer_cuda(rows, classes, logits.dtype)):
         return "cuda"
     return "triton" if triton_ok else "torch"
 
 
-def resolve(backend: str, logits: torch.Tensor, family: OpFamily = FUSED_CE) -> str:
-    """The concrete backend for ``logits``; raises with the reason if a named one cannot run."""
+def resolve(backend: str, logits: torch.Tensor, family: OpFamily = FUSED_CE,
+            shape: Optional[Tuple[int, int]] = None) -> str:
+    """The concrete backend for ``logits``; raises with the reason if a named one cannot run.
+
+    ``shape`` is the ``(B, C)`` of the logits the op will see when ``logits`` is another tensor
+    of the same device and dtype (``fused_linear_gala_ce`` passes ``x``, whose columns are not
+    classes).
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = logits.device
     if backend == "auto":
         if device.type == "cuda":
-            return auto_cuda_backend(logits, family)
+            return auto_cuda_backend(logits, family, shape)
         if device.type == "cpu" and availability("cpu", device, family)[0]:
             return "cpu"
         return "torch"

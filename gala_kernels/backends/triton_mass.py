@@ -11,8 +11,8 @@ in the math dtype (float32, float64 for float64 logits). Two kernels:
   walks ``rows_per_program`` rows, ``ROWS`` at a time (a ``(ROWS, BLOCK_C)`` tile: row max,
   ``e = exp(z - max)``, ``acc += sum over the tile's rows of e / sum(e)``), keeps the column sums
   of its rows in registers and adds them to ``out`` with one ``tl.atomic_add`` per column at the
-  end. The logits are read once. Several rows per tile keep more loads in flight while the
-  row reductions of the tile wait (one row at a time ran at a third of a read on an H200).
+  end. The logits are read once. Short rows are grouped (several per tile) so that a thread
+  holds ~16 values; the launch rule is :func:`row_kernel_config` and ``PROGRAMS_PER_SM``.
 * ``_colsum_tiles_kernel`` (larger ``C``): a program owns ``BLOCK_R`` rows; pass 1 is an online
   logsumexp over column blocks, pass 2 re-reads each ``(BLOCK_R, BLOCK_C)`` tile, sums
   ``exp(z - lse)`` over its rows and adds the ``BLOCK_C`` partial sums atomically.
@@ -46,9 +46,11 @@ MAX_ROW_BLOCK = 16384
 # Tile of the large-C kernel.
 TILE_ROWS = 16
 TILE_COLS = 1024
-# Programs per SM the row kernel aims at (latency hiding), and the fewest rows a program
-# handles (bounds the atomics to 1/MIN_ROWS_PER_PROGRAM of the logits' elements).
-PROGRAMS_PER_SM = 4
+# Programs per SM the row kernel aims at, and the fewest rows a program handles (bounds the
+# atomics to 1/MIN_ROWS_PER_PROGRAM of the logits' elements). Each program ends with C atomics:
+# on an H200 (24,426 x 8,142 fp32, bench/results/mass_cuda.md) 2 programs per SM beat 4 and 8 at
+# every tile shape tried, and one row per tile with 16 warps beat 2 and 4 rows.
+PROGRAMS_PER_SM = 2
 MIN_ROWS_PER_PROGRAM = 4
 # Most rows in one tile of the row kernel.
 ROWS_PER_TILE_MAX = 8
@@ -149,10 +151,10 @@ def _default_rows_per_program(logits: torch.Tensor, programs_per_sm: int) -> int
 
 
 def row_kernel_config(block_c: int):
-    """``(ROWS, num_warps)`` of the row kernel for a row block of ``block_c`` columns: about 32
-    values of the ``(ROWS, block_c)`` tile per thread, 4 to 16 warps."""
+    """``(ROWS, num_warps)`` of the row kernel for a row block of ``block_c`` columns: 4 to 16
+    warps, and rows per tile for about 16 tile values per thread (one row from 8,192 columns)."""
     num_warps = min(16, max(4, block_c // 512))
-    rows = max(1, min(ROWS_PER_TILE_MAX, (32 * 32 * num_warps) // block_c))
+    rows = max(1, min(ROWS_PER_TILE_MAX, (16 * 32 * num_warps) // block_c))
     return rows, num_warps
 
 
