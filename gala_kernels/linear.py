@@ -26,8 +26,9 @@ Default chunk rule (:func:`default_chunk_rows`): the chunk's logits take at most
 in chunks of equal size, a multiple of 8 rows (tensor-core friendly row counts), at least 8 rows,
 at most B rows. The extra memory of a call is then a few chunk-sized buffers (logits, dlogits,
 the op's scratch) plus the gradients of ``x``, ``W`` and ``b``. On an H200 (2026-11-27,
-bench/results/linear_cuda.md) 256 MiB chunks of 664 rows at C = 100,000 ran 1.39x slower than the
-unchunked step, 1 GiB chunks 1.16x (fp32) and 1.11x (bf16), one chunk 1.08x and 0.99x.
+bench/results/linear_cuda.md) at B = 8192, C = 100,000 this rule's 4 chunks of 2048 rows ran 1.08x
+(fp32, D = 32) and 1.11x (bf16, D = 1024) the unchunked step; 256 MiB chunks of 664 rows ran
+1.47x and 1.68x: a few hundred long rows leave the GPU's SMs idle in the fused kernel.
 
 When one chunk holds the whole batch, the fused op gets the call's own reduction (``w_i = 1/N``
 inside the kernel) and ``grad_W = dlogits.T @ x`` is one matmul in the input dtype, exactly as

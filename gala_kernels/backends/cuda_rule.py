@@ -11,12 +11,15 @@ against streaming speed:
 Measured (bench/results/cuda_vs_triton_nvidia_h200.md, NVIDIA H200, torch 2.11, Triton 3.6,
 2026-11-27): over B in 128..8192, C in {1000, 8142, 32768}, fp32 and bf16 (42 shapes), the full
 step with ``cuda`` was faster than with ``triton`` at every shape (0.52-1.90 ms against
-0.90-5.06 ms). At C = 131,072 (bench/results/gpu_bench_nvidia-h200_*.md, 2048 rows, bf16) Triton
-won (4.37 against 4.91 ms, the op alone): past the C that fits its shared-memory column
-accumulators (~56K classes on sm_90, ~40K on sm_80) the CUDA op adds every probability to the
-statistics with a global atomic. Hence the rule: ``cuda`` up to ``CUDA_SHARED_STATS_MAX_CLASSES``
-classes, any batch; ``triton`` beyond. Between 32,768 and 131,072 classes nothing was measured;
-the bound is the sm_80 shared-memory limit, where the CUDA op's fast path is known to hold.
+0.90-5.06 ms). At C = 131,072 (2048 rows, bf16, bench/results/gpu_bench_nvidia-h200_*.md, three
+runs) the whole step was still faster with ``cuda`` (4.91-5.03 ms against 5.21-5.32 ms), and the
+Triton op alone took 4.37 ms (the CUDA op was not timed alone there). Past the C that fits its
+shared-memory column accumulators (~56K classes on sm_90, ~40K on sm_80) the CUDA op adds every
+probability to the statistics with a global atomic, and the fused-linear measurements at
+C = 100,000 (bench/results/linear_cuda.md) were made with Triton. Hence the rule: ``cuda`` up to
+``CUDA_SHARED_STATS_MAX_CLASSES`` classes, any batch; ``triton`` beyond. That bound is a choice
+(the sm_80 shared-memory limit), not a measured crossover: no measured shape had Triton ahead for
+the whole step, and nothing between 32,768 and 131,072 classes was measured.
 Re-measure with ``bench/bench_cuda.py`` (``bench/gpu_check.sh`` runs it).
 """
 
