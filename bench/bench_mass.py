@@ -4,12 +4,14 @@ Default shape: the iNaturalist 2018 validation set, 24,426 x 8,142 fp32 logits (
 batches of 512 rows, every method accumulating into a float64 ``(C,)`` vector. Methods, timed
 side by side in one run (each repeat runs them all, in rotating order; the median is reported):
 
-- ``fused``: ``PredictionRebalancer.update`` with the fused op (C++ ``gala::softmax_colsum`` on
-  CPU, the Triton kernel on CUDA);
+- ``fused``: ``PredictionRebalancer.update`` with the fused op of ``--backend`` (``auto``: the C++
+  ``gala::softmax_colsum``, on CPU and on CUDA when built; else Triton on CUDA);
 - ``eager``: ``torch.softmax(z, 1).sum(0)``, the same batches;
 - ``read``: ``z.sum(1)`` over the same batches, a read of the logits (the floor of any pass);
-- CUDA only: ``fused-one-call`` / ``read-one-call``, the whole set in one call (``--sweep`` adds
-  one-call launches of the Triton row kernel with other tile / warp / grid settings).
+- CUDA only: ``fused-<backend>`` for each other GPU backend; ``fused-one-call[-<backend>]`` /
+  ``read-one-call``, the whole set in one call (through a fresh ``PredictionRebalancer``);
+  ``cuda-op-one-call``, the CUDA op alone into a preallocated mass. ``--sweep`` adds one-call
+  launches of the CUDA op's kernel variants and of the Triton row kernel with other settings.
 
 Writes ``bench/results/mass_<device>.json`` and ``.md`` (machine, versions, date, load)::
 
@@ -32,6 +34,7 @@ from typing import Callable, Dict, List
 import torch
 
 import gala_kernels  # noqa: F401  (loads the extension)
+from gala_kernels import mass_ops
 from gala_kernels.rebalance import PredictionRebalancer
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,11 +59,14 @@ def stream_methods(logits: torch.Tensor, batch: int, backend: str,
     batches = [logits[s:s + batch] for s in range(0, logits.shape[0], batch)]
     device = logits.device
 
-    def fused() -> torch.Tensor:
-        rb = PredictionRebalancer(C, backend=backend, device=device)
-        for b in batches:
-            rb.update(b)
-        return rb.mass
+    def streamed(name: str) -> Callable[[], torch.Tensor]:
+        def fused() -> torch.Tensor:
+            rb = PredictionRebalancer(C, backend=name, device=device)
+            for b in batches:
+                rb.update(b)
+            return rb.mass
+
+        return fused
 
     def eager() -> torch.Tensor:
         mass = torch.zeros(C, dtype=torch.float64, device=device)
@@ -74,20 +80,33 @@ def stream_methods(logits: torch.Tensor, batch: int, backend: str,
             total += b.sum(1, dtype=torch.float32).sum()
         return total
 
-    methods = {"fused": fused, "eager": eager, "read": read}
+    methods = {"fused": streamed(backend), "eager": eager, "read": read}
     if device.type == "cuda":
-        def fused_one_call() -> None:
-            PredictionRebalancer(C, backend=backend, device=device).update(logits)
+        def fused_one_call(name: str) -> Callable[[], None]:
+            return lambda: PredictionRebalancer(C, backend=name, device=device).update(logits)
 
-        methods["fused-one-call"] = fused_one_call
+        methods["fused-one-call"] = fused_one_call(backend)
         methods["read-one-call"] = lambda: logits.sum(1, dtype=torch.float32)
+        out = torch.zeros(C, dtype=torch.float64, device=device)
+        for name in ("cuda", "triton"):  # each GPU backend, whatever "auto" picks
+            if name != backend and mass_ops.availability(name, device)[0]:
+                methods[f"fused-{name}"] = streamed(name)
+                methods[f"fused-one-call-{name}"] = fused_one_call(name)
+        if mass_ops.availability("cuda", device)[0]:
+            # the op alone into a preallocated float64 mass: no module, no allocation
+            methods["cuda-op-one-call"] = lambda: torch.ops.gala.softmax_colsum_add_(logits, out)
         if sweep:
+            methods.update(cuda_kernel_sweep(logits, out))
             methods.update(row_kernel_sweep(logits))
     return methods
 
 
-# (rows per tile, warps, programs per SM) of the Triton row kernel tried by --sweep
-SWEEP_CONFIGS = ((1, 16, 1), (1, 16, 2), (1, 16, 4), (1, 32, 1), (1, 32, 2), (2, 32, 1), (1, 8, 1), (1, 8, 2))
+# (rows per tile, warps, programs per SM) of the Triton row kernel tried by --sweep: the two best
+# of 15 settings on an H200 (bench/results/mass_cuda_run2.md)
+SWEEP_CONFIGS = ((1, 16, 2), (1, 8, 2))
+# (variant, CTAs per SM; 0 = occupancy) of the CUDA op tried by --sweep, when the variant holds C
+CUDA_SWEEP = (("", 0), ("", 1), ("t1024_e16", 0), ("t1024_e8_async", 0), ("t512_e16_async", 0),
+              ("lse_then_tiles", 0))
 
 
 def row_kernel_sweep(logits: torch.Tensor) -> Dict[str, Callable[[], torch.Tensor]]:
@@ -98,9 +117,25 @@ def row_kernel_sweep(logits: torch.Tensor) -> Dict[str, Callable[[], torch.Tenso
         return {}
     variants = {}
     for rows_per_tile, warps, per_sm in SWEEP_CONFIGS:
-        variants[f"one-call R{rows_per_tile} w{warps} p{per_sm}"] = (
+        variants[f"one-call triton R{rows_per_tile} w{warps} p{per_sm}"] = (
             lambda r=rows_per_tile, w=warps, p=per_sm: triton_mass.softmax_colsum_triton(
                 logits, rows_per_tile=r, num_warps=w, programs_per_sm=p))
+    return variants
+
+
+def cuda_kernel_sweep(logits: torch.Tensor, out: torch.Tensor) -> Dict[str, Callable[[], None]]:
+    """One-call launches of the CUDA op's kernel variants (those that hold C) and CTAs per SM."""
+    if not mass_ops.availability("cuda", logits.device)[0]:
+        return {}
+    variants = {}
+    for variant, per_sm in CUDA_SWEEP:
+        try:
+            name = torch.ops.gala.softmax_colsum_cuda_variant(logits, variant)
+            torch.ops.gala.softmax_colsum_add_(logits, out, variant, per_sm)
+        except ValueError:  # the variant does not hold C
+            continue
+        variants[f"one-call cuda {name} c{per_sm}"] = (
+            lambda v=variant, c=per_sm: torch.ops.gala.softmax_colsum_add_(logits, out, v, c))
     return variants
 
 
@@ -215,14 +250,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="auto", help="the fused method's backend (auto: cpu / triton)")
+    parser.add_argument("--backend", default="auto",
+                        help="the fused method's backend (auto: cpu / cuda / triton)")
     parser.add_argument("--threads", default=None,
                         help="comma-separated torch thread counts to time (default: all cores, then 1; CPU)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", action="store_true",
-                        help="CUDA: also time one-call launches of the Triton row kernel with other settings")
+                        help="CUDA: also time one-call launches of the CUDA op's kernel variants and of the "
+                             "Triton row kernel with other settings")
     parser.add_argument("--out", default=None,
                         help="output path without suffix (default bench/results/mass_<device type>)")
     args = parser.parse_args()

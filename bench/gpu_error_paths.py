@@ -27,6 +27,12 @@ CASES = {
     "label out of range": "y[4] = 10; op(z, y, None, -100, 1, True, False)",
     "reduction code 3": "op(z, y, None, -100, 3, True, False)",
     "TORCH_CHECK in an aten op": "torch.empty(2, device=dev).view(3)",
+    "mass: out of the wrong size": (
+        "torch.ops.gala.softmax_colsum_add_(z, torch.zeros(9, device=dev, dtype=torch.float64))"),
+    "mass: int logits": "torch.ops.gala.softmax_colsum(z.long())",
+    "mass: unknown kernel variant": (
+        "torch.ops.gala.softmax_colsum_add_(z, torch.zeros(10, device=dev, dtype=torch.float64), 't9_e9', 0) "
+        "if dev == 'cuda' else torch.ops.gala.softmax_colsum(z[0])"),
 }
 
 

@@ -35,4 +35,9 @@ inline std::string device_str(const at::Device& device) { return device.str(); }
 void check_fused_ce_args(const at::Tensor& logits, const at::Tensor& labels,
                          const std::optional<at::Tensor>& class_bias, int64_t reduction);
 
+// The mass pass (softmax_colsum, softmax_colsum_add_): 2-D logits with C >= 1 of a float dtype;
+// `out` a contiguous (C,) float32 / float64 tensor on the logits' device.
+void check_softmax_colsum_args(const at::Tensor& logits);
+void check_colsum_out(const at::Tensor& logits, const at::Tensor& out);
+
 }  // namespace gala

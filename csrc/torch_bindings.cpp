@@ -20,6 +20,13 @@ TORCH_LIBRARY(gala, m) {
   // (float64 for float64 logits). A row holding NaN or +inf, or -inf everywhere, adds NaN to
   // every column (as torch.softmax); a -inf entry has probability 0.
   m.def("softmax_colsum(Tensor logits) -> Tensor colsum");
+  // The same, added into `out` ((C,) float32 or float64, e.g. the running float64 mass): no
+  // (C,) temporary. CUDA benchmark knobs (other devices ignore them): `variant` names a kernel
+  // variant (csrc/cuda/softmax_mass_kernel.cu, row_variants), ctas_per_sm > 0 sets the row
+  // kernel's CTAs per SM; "" and 0 are the default rule.
+  m.def("softmax_colsum_add_(Tensor logits, Tensor(a!) out, str variant=\"\", int ctas_per_sm=0) -> ()");
+  // CUDA only: the kernel variant softmax_colsum_add_ runs for these logits ("" = default rule).
+  m.def("softmax_colsum_cuda_variant(Tensor logits, str variant=\"\") -> str");
 }
 
 namespace gala {
@@ -51,6 +58,26 @@ void check_fused_ce_args(const at::Tensor& logits, const at::Tensor& labels,
     TORCH_CHECK_VALUE(bias.device() == logits.device(), "class_bias is on ", device_str(bias.device()),
                       " but logits are on ", device_str(logits.device()));
   }
+}
+
+void check_softmax_colsum_args(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "softmax_colsum: logits must be 2-D (B, C), got shape ",
+                    shape_str(logits.sizes()));
+  TORCH_CHECK_VALUE(logits.size(1) >= 1, "softmax_colsum: logits must have at least one class, got shape ",
+                    shape_str(logits.sizes()));
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
+                   "softmax_colsum: logits must be float32, float64, bfloat16 or float16, got ", dtype);
+}
+
+void check_colsum_out(const at::Tensor& logits, const at::Tensor& out) {
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.size(0) == logits.size(1) && out.is_contiguous(),
+                    "softmax_colsum_add_: out must be a contiguous (C,) = (", num_str(logits.size(1)),
+                    ",) tensor, got shape ", shape_str(out.sizes()));
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble,
+                   "softmax_colsum_add_: out must be float32 or float64, got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == logits.device(), "softmax_colsum_add_: out is on ", device_str(out.device()),
+                    " but logits are on ", device_str(logits.device()));
 }
 
 }  // namespace gala

@@ -77,7 +77,8 @@ class PredictionRebalancer(nn.Module):
         num_classes: C.
         tau: the exponent (the authors: 1.5 iNaturalist 2018, 1.7 ImageNet-LT, 1.4 Places-LT);
             :func:`fit_tau` picks it on held-out logits. Settable at any time (``rb.tau = 1.5``).
-        backend: the mass pass: ``"auto"``, ``"torch"``, ``"cpu"`` (C++ op), ``"triton"``.
+        backend: the mass pass: ``"auto"``, ``"torch"``, ``"cpu"`` (C++ op), ``"triton"``,
+            ``"cuda"`` (CUDA C++ op).
         device: where the buffers live (move them later with ``.to(device)``).
 
     Buffers (saved in ``state_dict``, with ``tau``): ``mass`` float64 ``(C,)``, the running
@@ -126,9 +127,12 @@ class PredictionRebalancer(nn.Module):
         if logits.shape[0] == 0:
             return
         mass_ops.accumulate_softmax_colsum(logits.detach(), self.mass, backend=self.backend)
-        self.num_rows += logits.shape[0]
-        self._has_rows = True
-        self._version += 1
+        # In place, and plain attributes set through __dict__: nn.Module.__setattr__ costs a few
+        # microseconds per call, a good part of a streamed GPU update (bench/bench_mass.py).
+        self.num_rows.add_(logits.shape[0])
+        state = self.__dict__
+        state["_has_rows"] = True
+        state["_version"] += 1
 
     def reset(self) -> None:
         """Forget every row seen: ``mass = 0``, ``num_rows = 0``."""

@@ -47,6 +47,7 @@ CASES = [
     _case("cpu", "torch"),
     _case("cpu", "triton"),
     _case("cuda", "triton"),
+    _case("cuda", "cuda"),
     _case("cuda", "torch"),
 ]
 
@@ -130,7 +131,7 @@ def test_accumulate_adds_into_a_float64_mass(device):
     """``accumulate_softmax_colsum`` adds (the Triton kernel straight into ``out``), every backend."""
     z1, z2 = random_logits(6, 37, torch.float32, device), random_logits(9, 37, torch.bfloat16, device, seed=1)
     truth = reference_mass(z1) + reference_mass(z2)
-    for backend in ("torch", "cpu", "triton"):
+    for backend in ("torch", "cpu", "triton", "cuda"):
         if not mass_ops.availability(backend, torch.device(device))[0]:
             continue
         mass = torch.zeros(37, dtype=torch.float64, device=device)
@@ -172,6 +173,22 @@ def test_cpu_op_strided_rows_and_opcheck():
     torch.library.opcheck(op, (random_logits(4, 5, torch.bfloat16),))
 
 
+def test_cpu_add_op_adds_checks_out_and_passes_opcheck():
+    if not mass_ops.availability("cpu", torch.device("cpu"))[0]:
+        pytest.skip("C++ op not built")
+    z = random_logits(9, 13)
+    out = torch.full((13,), 2.0, dtype=torch.float64)
+    torch.ops.gala.softmax_colsum_add_(z, out)
+    assert_mass_close(out, reference_mass(z) + 2.0, 9, z.dtype)
+    with pytest.raises(ValueError, match=r"out must be a contiguous \(C,\) = \(13,\)"):
+        torch.ops.gala.softmax_colsum_add_(z, torch.zeros(12, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out must be float32 or float64"):
+        torch.ops.gala.softmax_colsum_add_(z, torch.zeros(13, dtype=torch.float16))
+    mass = torch.zeros(13, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.gala.softmax_colsum_add_.default, (z, mass),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 def test_triton_opcheck():
     if not mass_ops.availability("triton", torch.device("cpu"))[0]:
         pytest.skip("Triton interpreter not enabled")
@@ -179,6 +196,117 @@ def test_triton_opcheck():
 
     torch.library.opcheck(softmax_colsum_op(), (random_logits(5, 7),),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+# --- the CUDA op's kernel variants -----------------------------------------------------------------
+
+
+def _cuda_variant(z: torch.Tensor, variant: str = "") -> str:
+    return torch.ops.gala.softmax_colsum_cuda_variant(z, variant)
+
+
+def _cuda_colsum(z: torch.Tensor, variant: str = "", ctas_per_sm: int = 0) -> torch.Tensor:
+    out = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device)
+    torch.ops.gala.softmax_colsum_add_(z, out, variant, ctas_per_sm)
+    return out
+
+
+requires_cuda_mass = _skip_unless_available("cuda", "cuda") if HAS_CUDA else requires_cuda
+
+# (C, the variant the default rule picks for fp32, for bf16 / fp16 and for float64 logits)
+CUDA_DEFAULT_VARIANTS = [
+    (1, "t32_e4", "t32_e4", "t32_e4"),
+    (128, "t32_e4", "t32_e4", "t32_e4"),
+    (129, "t32_e16", "t32_e16", "t32_e8"),
+    (300, "t32_e16", "t32_e16", "t64_e8"),
+    (1000, "t64_e16", "t64_e16", "t128_e8"),
+    (2049, "t256_e16", "t256_e16", "t512_e8"),
+    (4096, "t256_e16", "t256_e16", "t512_e8"),
+    (8142, "t512_e16", "t512_e16", "lse_then_tiles"),
+    (16384, "t1024_e16", "t1024_e16", "lse_then_tiles"),
+    (16385, "lse_then_tiles", "lse_then_tiles", "lse_then_tiles"),
+]
+
+
+@requires_cuda_mass
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C,fp32,half,fp64", CUDA_DEFAULT_VARIANTS)
+def test_cuda_default_variants_match_reference(C, fp32, half, fp64, dtype):
+    """Every kernel the default rule picks, and the two-pass path past 16,384 columns; B = 45
+    leaves CTAs with unequal row counts (and some, at small B, none)."""
+    z = random_logits(45, C, dtype, "cuda", seed=C)
+    expected = {torch.float32: fp32, torch.float64: fp64}.get(dtype, half)
+    assert _cuda_variant(z) == expected
+    assert_mass_close(_cuda_colsum(z), reference_mass(z), 45, dtype)
+
+
+CUDA_ALL_VARIANTS = ["t32_e4", "t32_e16", "t64_e16", "t128_e16", "t256_e16", "t512_e16", "t1024_e16",
+                     "t64_e8_async", "t128_e8_async", "t256_e8_async", "t512_e8_async", "t1024_e8_async",
+                     "t512_e16_async", "lse_then_tiles"]
+
+
+@requires_cuda_mass
+@pytest.mark.parametrize("variant", CUDA_ALL_VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_every_variant_matches_reference(variant, dtype):
+    """Each menu entry at a C that fills it but for a few columns, and at one far smaller (even C:
+    16-bit rows then start on 4-byte words, as the pipelined kernel needs); ragged row splits,
+    CTAs per SM forced, a -inf column."""
+    threads, _, items = variant.partition("_e")
+    capacity = 20_000 if variant == "lse_then_tiles" else int(threads[1:]) * int(items.split("_")[0])
+    for C in sorted({max(1, capacity - 6), max(1, capacity // 7 // 2 * 2)}):
+        z = random_logits(77, C, dtype, "cuda", seed=C)
+        if C > 2:
+            z[:, C // 2] = NEG_INF
+        for ctas_per_sm in (0, 1, 3):
+            colsum = _cuda_colsum(z, variant, ctas_per_sm)
+            assert C <= 2 or colsum[C // 2] == 0
+            assert_mass_close(colsum, reference_mass(z), 77, dtype)
+
+
+@requires_cuda_mass
+def test_cuda_pipelined_kernel_needs_word_aligned_rows():
+    """The pipelined variants run 16-bit rows that start on 4-byte words; for others (odd C, or a
+    view starting at column 1) asking for one raises, and the default rule's register kernel runs."""
+    z = random_logits(50, 1001, torch.bfloat16, "cuda")
+    shifted = z[:, 1:]  # 1000 columns, rows starting 2 bytes past a word
+    aligned = z[:, :1000].contiguous()
+    assert_mass_close(_cuda_colsum(aligned, "t128_e8_async"), reference_mass(aligned), 50, torch.bfloat16)
+    assert _cuda_variant(shifted) == "t64_e16"
+    colsum = mass_ops.softmax_colsum(shifted, backend="cuda")
+    assert_mass_close(colsum, reference_mass(shifted), 50, torch.bfloat16)
+    with pytest.raises(ValueError, match="variant 't128_e8_async'"):
+        _cuda_colsum(shifted, "t128_e8_async")
+
+
+@requires_cuda_mass
+def test_cuda_op_is_deterministic_strided_and_checks_its_arguments():
+    z = random_logits(3000, 1500, device="cuda")
+    first = mass_ops.softmax_colsum(z, backend="cuda")
+    assert all(torch.equal(first, mass_ops.softmax_colsum(z, backend="cuda")) for _ in range(3))
+    for variant in ("", "lse_then_tiles"):
+        a, b = _cuda_colsum(z, variant), _cuda_colsum(z, variant)
+        assert torch.equal(a, b)
+    wide = random_logits(40, 3 * 700, device="cuda")
+    every_third_row, column_major = wide[::3], wide.t().contiguous().t()
+    colsum = mass_ops.softmax_colsum(every_third_row, backend="cuda")
+    assert_mass_close(colsum, reference_mass(every_third_row), 14, z.dtype)
+    colsum = mass_ops.softmax_colsum(column_major, backend="cuda")
+    assert_mass_close(colsum, reference_mass(wide), 40, z.dtype)
+    empty = torch.empty(0, 10, device="cuda")
+    assert torch.equal(mass_ops.softmax_colsum(empty, backend="cuda"), torch.zeros(10, device="cuda"))
+    out = torch.ones(10, dtype=torch.float64, device="cuda")
+    torch.ops.gala.softmax_colsum_add_(empty, out)
+    assert torch.equal(out, torch.ones(10, dtype=torch.float64, device="cuda"))
+    with pytest.raises(ValueError, match="variant 't999_e1'"):
+        _cuda_colsum(z, "t999_e1")
+    with pytest.raises(ValueError, match="variant 't32_e4'"):
+        _cuda_colsum(z, "t32_e4")  # holds 128 columns, not 1500
+    with pytest.raises(ValueError, match="on cpu"):
+        torch.ops.gala.softmax_colsum_add_(z, torch.zeros(1500, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ctas_per_sm"):
+        _cuda_colsum(z, "", 65)
+    torch.library.opcheck(mass_ops.native_softmax_colsum(), (random_logits(9, 13, device="cuda"),))
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -362,7 +490,7 @@ def test_errors_say_what_to_do():
         PredictionRebalancer(5, backend="gpu")
     with pytest.raises(ValueError, match="num_classes must be >= 1"):
         PredictionRebalancer(0)
-    with pytest.raises(BackendUnavailableError, match="triton"):
+    with pytest.raises(BackendUnavailableError, match="runs on CUDA tensors"):
         PredictionRebalancer(5, backend="cuda").update(z)
     nan_logits = z.clone()
     nan_logits[0, 0] = float("nan")

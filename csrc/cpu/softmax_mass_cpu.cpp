@@ -4,6 +4,7 @@
 //
 //   softmax_colsum(logits (B, C)) -> colsum (C,),  colsum[j] = sum_i softmax(logits[i, :])[j]
 //   float32 for float32 / bfloat16 / float16 logits, float64 for float64 logits.
+//   softmax_colsum_add_(logits, out): out += colsum.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <torch/library.h>
@@ -32,13 +33,8 @@ KernelFn select_kernel() {
 }
 
 at::Tensor softmax_colsum_cpu(const at::Tensor& logits_in) {
-  TORCH_CHECK_VALUE(logits_in.dim() == 2, "softmax_colsum: logits must be 2-D (B, C), got shape ",
-                    shape_str(logits_in.sizes()));
-  TORCH_CHECK_VALUE(logits_in.size(1) >= 1, "softmax_colsum: logits must have at least one class, got shape ",
-                    shape_str(logits_in.sizes()));
+  check_softmax_colsum_args(logits_in);
   const auto dtype = logits_in.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf,
-                   "softmax_colsum: logits must be float32, float64, bfloat16 or float16, got ", dtype);
   // Rows may be strided; columns must be unit-stride for the vector loads.
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const int64_t B = logits.size(0), C = logits.size(1);
@@ -57,9 +53,18 @@ at::Tensor softmax_colsum_cpu(const at::Tensor& logits_in) {
   return colsum;
 }
 
+// out += colsum (out float64 for the running mass of PredictionRebalancer, or float32).
+void softmax_colsum_add_cpu(const at::Tensor& logits, const at::Tensor& out, c10::string_view /*variant*/,
+                            int64_t /*ctas_per_sm*/) {
+  check_softmax_colsum_args(logits);
+  check_colsum_out(logits, out);
+  out.add_(softmax_colsum_cpu(logits));
+}
+
 }  // namespace
 }  // namespace gala::cpu
 
 TORCH_LIBRARY_IMPL(gala, CPU, m) {
   m.impl("softmax_colsum", &gala::cpu::softmax_colsum_cpu);
+  m.impl("softmax_colsum_add_", &gala::cpu::softmax_colsum_add_cpu);
 }

@@ -25,19 +25,10 @@
 
 #include "../ops.h"
 #include "gala_ce_kernel.cuh"
+#include "torch_dtype.h"
 
 namespace gala::cuda {
 namespace {
-
-DType kernel_dtype(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return DType::Float32;
-    case at::kDouble: return DType::Float64;
-    case at::kBFloat16: return DType::BFloat16;
-    case at::kHalf: return DType::Float16;
-    default: TORCH_INTERNAL_ASSERT(false, "gala::fused_ce_fwd (CUDA): unexpected dtype ", dtype);
-  }
-}
 
 bool label_check_wanted(cudaStream_t stream) {
   static const bool enabled = [] {

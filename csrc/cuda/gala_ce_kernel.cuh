@@ -15,11 +15,9 @@
 
 #include <cuda_runtime.h>
 
-namespace gala::cuda {
+#include "cuda_types.h"
 
-// What `logits` and `grad` (and the loss output) hold. Math is fp32 for the 16- and 32-bit
-// types and fp64 for Float64.
-enum class DType : int32_t { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+namespace gala::cuda {
 
 // Reduction codes, the same numbers as gala::Reduction (csrc/ops.h) and gala_kernels/ops.py.
 enum class ReductionCode : int32_t { None = 0, Mean = 1, Sum = 2 };

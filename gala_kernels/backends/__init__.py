@@ -49,14 +49,16 @@ class OpFamily:
 
     ``native_op`` names ``torch.ops.gala.<native_op>`` (the C++ op), ``load_native`` returns it
     (registering its fake) or None, ``triton`` is the module of its Triton kernel (with an
-    ``availability(device)`` function) or None, and ``cuda_kernel`` says whether a CUDA C++
-    kernel exists at all.
+    ``availability(device)`` function) or None, ``cuda_kernel`` says whether a CUDA C++ kernel
+    exists at all, and ``prefer_cuda(batch, num_classes, dtype)`` is the rule by which ``"auto"``
+    picks it over Triton on a CUDA tensor.
     """
 
     native_op: str
     load_native: Callable[[], Optional[Callable]]
     triton: Optional[ModuleType]
     cuda_kernel: bool = True
+    prefer_cuda: Callable[[int, int, torch.dtype], bool] = cuda_rule.prefer_cuda
 
 
 FUSED_CE = OpFamily("fused_ce_fwd", ops.native_fused_ce, _triton_gala)
@@ -99,13 +101,14 @@ def availability(name: str, device: torch.device, family: OpFamily = FUSED_CE) -
 
 def auto_cuda_backend(logits: torch.Tensor, family: OpFamily = FUSED_CE,
                       shape: Optional[Tuple[int, int]] = None) -> str:
-    """The backend ``"auto"`` uses for a CUDA tensor: the CUDA C++ op where
-    :func:`cuda_rule.prefer_cuda` says it is faster for the ``(B, C)`` logits shape (``shape``,
-    else ``logits.shape``), else Triton; the reference when neither is built."""
+    """The backend ``"auto"`` uses for a CUDA tensor: the CUDA C++ op where the family's
+    ``prefer_cuda`` (for the fused loss, :func:`cuda_rule.prefer_cuda`) says it is faster for the
+    ``(B, C)`` logits shape (``shape``, else ``logits.shape``), else Triton; the reference when
+    neither is built."""
     cuda_ok = availability("cuda", logits.device, family)[0]
     triton_ok = availability("triton", logits.device, family)[0]
     rows, classes = shape if shape is not None else logits.shape
-    if cuda_ok and (not triton_ok or cuda_rule.prefer_cuda(rows, classes, logits.dtype)):
+    if cuda_ok and (not triton_ok or family.prefer_cuda(rows, classes, logits.dtype)):
         return "cuda"
     return "triton" if triton_ok else "torch"
 
