@@ -59,5 +59,16 @@ inline Vec fast_exp(const Vec& x) {
   }
 }
 
+// max(a, b) lane by lane, for callers that detect NaN apart: on AVX-512 fp32 the plain vmaxps,
+// which may drop a NaN lane (at::vec::maximum propagates NaN with a compare, a mask move and an
+// or per vector).
+template <typename Vec>
+inline Vec max_any_nan(const Vec& a, const Vec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<typename Vec::value_type, float>) return _mm512_max_ps(a, b);
+#endif
+  return at::vec::maximum(a, b);
+}
+
 }  // namespace CPU_CAPABILITY
 }  // namespace gala::cpu
