@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import backends, reference
-from .ops import REDUCTION_CODES
+from .ops import REDUCTION_CODES, call_fused_ce
 from .state import GALAState
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -118,7 +118,7 @@ def fused_gala_ce(
     if inplace_backward:
         loss, raw, raw_pairwise, counts = backends.triton_inplace_fused_ce(*args)
     else:
-        loss, _grad, raw, raw_pairwise, counts = backends.fused_ce_op(name)(*args)
+        loss, _grad, raw, raw_pairwise, counts = call_fused_ce(backends.fused_ce_op(name), *args)
     if compute_stats:
         stats = reference.StepStatistics(raw, raw_pairwise if pairwise else None, counts)
         reference.fold_increments(state, stats)

@@ -70,6 +70,44 @@ def register_fused_ce(op) -> None:
     torch.library.register_autograd(op, _backward, setup_context=_setup_context)
 
 
+class _EagerFusedCE(torch.autograd.Function):
+    """The autograd of :func:`register_fused_ce` for eager calls, without its Python dispatch.
+
+    An op's registered autograd (``torch.library.register_autograd``) is what ``torch.compile``
+    traces, but in eager mode its Python wrapper and redispatch cost ~0.1 ms per call (measured:
+    100 us for a 2-row call that takes 33 us without autograd, 2-core EPYC), a host cost that a
+    short GPU step pays in full. This Function computes the same thing: the forward calls the
+    op below the Autograd dispatch key (straight to its device kernel), the backward is
+    :func:`_backward`'s.
+    """
+
+    @staticmethod
+    def forward(ctx, op, *inputs):
+        with torch._C._AutoDispatchBelowAutograd():
+            outputs = op(*inputs)
+        ctx.reduction = inputs[4]
+        ctx.save_for_backward(outputs[1])
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grads_of_other_outputs):
+        (grad,) = ctx.saved_tensors
+        grad_logits = None if grad_loss is None else scale_saved_grad(grad, grad_loss, ctx.reduction)
+        return (None, grad_logits) + (None,) * 6
+
+
+def call_fused_ce(op, *inputs):
+    """``op(*inputs)`` with autograd: the registered autograd under ``torch.compile`` (and for
+    tensor subclasses), the same backward through :class:`_EagerFusedCE` in plain eager calls."""
+    logits = inputs[0]
+    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor or not (
+            torch.is_grad_enabled() and logits.requires_grad):
+        return op(*inputs)
+    return _EagerFusedCE.apply(op, *inputs)
+
+
 _registered_native = False
 
 

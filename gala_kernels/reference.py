@@ -57,7 +57,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def class_bias(state: GALAState, lambda1: float, eps: float, dtype=torch.float32) -> torch.Tensor:
     """The per-column margin ``lambda1 * log(pos_grad + eps)``, shape ``(C,)``."""
-    return lambda1 * torch.log(state.pos_grad.to(dtype) + eps)
+    return state.pos_grad.to(dtype).add(eps).log_().mul_(lambda1)  # one allocation
 
 
 def _row_weights(valid: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
@@ -185,8 +185,13 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
     from .distributed import sync_step_statistics  # distributed imports this module
 
     stats = sync_step_statistics(state, stats)
-    n_valid = stats.counts[0]
-    s = 1.0 / n_valid.clamp(min=1).to(torch.float64)
+    counts = stats.counts
+    if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+        # N read on the host (free for a CPU tensor): one op fewer per scaled tensor. Same values:
+        # a float32 tensor times a float64 scalar is computed in float32 either way.
+        s = 1.0 / max(int(counts[0]), 1)
+    else:
+        s = 1.0 / counts[0].clamp(min=1).to(torch.float64)  # stays on the device: no host sync
     groups = [(state.stat_vectors, list((stats.raw * s).float().unbind(0)), state.running_vectors)]
     if state.pairwise is not None and stats.raw_pairwise is not None:
         groups.append(([state.pairwise], [(stats.raw_pairwise * s).float()], [state.running_pairwise]))
@@ -202,7 +207,7 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
                 torch._foreach_mul_(targets, state.ema_beta)
                 torch._foreach_add_(targets, increments, alpha=1.0 - state.ema_beta)
         state.steps.add_(1)
-        state.nonfinite_rows.add_(stats.counts[1])
+        state.nonfinite_rows.add_(counts[1])
 
 
 def gala_ce(

@@ -28,6 +28,32 @@ def test_gradcheck_float64(backend, reduction, B, C):
 
 
 @pytest.mark.skipif(not HAS_CPU_OP, reason="gala_kernels._C not built")
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_eager_autograd_matches_the_registered_one(reduction):
+    """ops.call_fused_ce (eager: an autograd.Function calling the op below Autograd) gives the
+    outputs and gradient of the op's registered autograd (what torch.compile traces), bit for bit,
+    and does not take that path when no gradient is needed."""
+    op = ops.native_fused_ce()
+    logits, labels = make_inputs(6, 37, torch.float32, ignore_every=4)
+    bias = torch.randn(37)
+    grad_out = torch.randn(6) if reduction == 0 else torch.tensor(0.7)
+    results = []
+    for call in (ops.call_fused_ce, lambda f, *a: f(*a)):
+        z = logits.clone().requires_grad_(True)
+        outputs = call(op, z, labels, bias, -100, reduction, True, False)
+        outputs[0].backward(grad_out)
+        results.append((outputs, z.grad))
+    (eager_out, eager_grad), (registered_out, registered_grad) = results
+    for a, b in zip(eager_out, registered_out):
+        assert torch.equal(a, b)
+    assert torch.equal(eager_grad, registered_grad)
+    assert not any(t.requires_grad for t in eager_out[1:])  # grad, statistics: not differentiable
+    with torch.no_grad():
+        assert not ops.call_fused_ce(op, logits.clone().requires_grad_(True), labels, bias, -100, reduction,
+                                     True, False)[0].requires_grad
+
+
+@pytest.mark.skipif(not HAS_CPU_OP, reason="gala_kernels._C not built")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("compute_stats,pairwise", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("reduction", [0, 1, 2])
