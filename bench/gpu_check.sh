@@ -21,8 +21,8 @@
 # benchmarks (steps 4 and 5 skipped).
 # bench/gpu_check_cuda.sh is a longer, CUDA-only sibling (all CUDA tests, the full sweep).
 # Budget: under 7.5 minutes in all. Each stage has a timeout taken from what is left of a 440 s
-# deadline (install <= 150 s, error paths <= 90 s, tests <= 130 s, mass <= 60 s, linear <= 90 s, the benchmark the
-# rest), so every stage gets its turn; the benchmarks write their files after every shape.
+# deadline (install <= 150 s, error paths <= 90 s, tests <= 130 s, mass <= 90 s + 2 x 45 s, linear <= 90 s, the
+# benchmark the rest), so every stage gets its turn; the benchmarks write their files after every shape.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
