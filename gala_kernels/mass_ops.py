@@ -89,11 +89,11 @@ except ImportError:  # pragma: no cover
 def prefer_cuda_mass(batch: int, num_classes: int, dtype: torch.dtype) -> bool:
     """Whether ``"auto"`` runs the mass pass of CUDA logits with the CUDA C++ op (else Triton).
 
-    Always, where it is built. Measured on an H200 (bench/results/mass_cuda_*run3.md, ~800 MB of
-    fp32 logits, 2026-11-27): streamed in 512-row batches the CUDA op took 2.6 / 1.1 / 0.7 ms
-    against Triton's 3.9 / 1.6 / 2.8 ms at C = 8,142 / 16,384 / 65,536 (its C++ launch costs less
-    per batch, and past 16,384 classes its two-pass path beats Triton's); in one call it took 0.4
-    / 0.4 / 0.5 ms against 0.4 / 0.4 / 1.1 ms.
+    Always, where it is built. Measured on an H200 (bench/results/mass_cuda.md, _c16384.md and
+    _c65536.md, ~800 MB of fp32 logits each, 2026-11-27 13:09 UTC): streamed in 512-row batches
+    through ``PredictionRebalancer.update`` the CUDA op took 1.77 / 1.01 / 0.71 ms against
+    Triton's 2.65 / 1.57 / 2.84 ms at C = 8,142 / 16,384 / 65,536, and one call of a fresh
+    rebalancer 0.29 / 0.33 / 0.62 ms against 0.37 / 0.43 / 1.18 ms.
     """
     del batch, num_classes, dtype
     return True

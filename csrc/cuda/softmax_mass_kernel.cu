@@ -467,7 +467,9 @@ RowVariant pipelined_variant(const char* name, bool by_default) {
 // values take two registers) on the fewest threads from 32 to 1024. The pipelined variants (rows
 // must start on word boundaries) are benchmark alternatives (bench/bench_mass.py --sweep); on an
 // H200 the first of them, with the heavier per-row math of the time, ran slower than the register
-// kernel (bench/results/mass_cuda_run4.md: 2.33x a read against 1.67x).
+// kernel (bench/results/mass_cuda_1302Z.md: 2.33x a read against 1.67x) and, once both had the
+// lighter math of row_softmax_scale, 1.28x against 1.06x (mass_cuda.md; on bf16 1.94x against
+// 2.06x).
 template <typename T>
 const std::vector<RowVariant>& row_variants() {
   constexpr bool kDouble = std::is_same_v<T, double>;
