@@ -2,6 +2,7 @@
 // themselves with TORCH_LIBRARY_IMPL in their own files.
 #include <torch/library.h>
 
+#include "cpu/reusable_buffer_cpu.h"
 #include "ops.h"
 
 TORCH_LIBRARY(gala, m) {
@@ -27,6 +28,10 @@ TORCH_LIBRARY(gala, m) {
   m.def("softmax_colsum_add_(Tensor logits, Tensor(a!) out, str variant=\"\", int ctas_per_sm=0) -> ()");
   // CUDA only: the kernel variant softmax_colsum_add_ runs for these logits ("" = default rule).
   m.def("softmax_colsum_cuda_variant(Tensor logits, str variant=\"\") -> str");
+  // The CPU blocks kept for reuse (the fused op's freed gradients; cpu/reusable_buffer_cpu.cpp):
+  // release them all (returns their bytes), or count them.
+  m.def("release_cpu_buffers() -> int", &gala::cpu::release_cached_buffers);
+  m.def("cached_cpu_buffer_bytes() -> int", &gala::cpu::cached_buffer_bytes);
 }
 
 namespace gala {

@@ -59,3 +59,19 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
             for key in _DISPATCH_KEYS:
                 _kernels[(op, key)] = torch._C._dispatch_has_kernel_for_dispatch_key(f"gala::{op}", key)
     return _kernels.get((op_name, dispatch_key), False)
+
+
+def release_cpu_buffers() -> int:
+    """Free the CPU blocks that the fused op keeps for reuse; returns how many bytes they held.
+
+    The C++ CPU op takes its ``B x C`` gradient from a cache of freed blocks (at most two, each of
+    at least 1 MiB, reused for a request of the same size), so that a training loop does not
+    fault fresh pages in at every step. Call this to hand that memory back, e.g. after training;
+    ``GALA_CPU_BUFFER_CACHE=0`` in the environment turns the cache off. 0 without the extension.
+    """
+    return int(torch.ops.gala.release_cpu_buffers()) if load() else 0
+
+
+def cached_cpu_buffer_bytes() -> int:
+    """Bytes of freed CPU blocks kept for reuse now (see :func:`release_cpu_buffers`)."""
+    return int(torch.ops.gala.cached_cpu_buffer_bytes()) if load() else 0

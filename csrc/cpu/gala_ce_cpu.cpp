@@ -9,6 +9,7 @@
 
 #include "../ops.h"
 #include "gala_ce_kernel.h"
+#include "reusable_buffer_cpu.h"
 
 namespace gala::cpu {
 namespace {
@@ -57,7 +58,7 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
   const int64_t n_valid = check_labels(labels, C, ignore_index);
 
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor grad = at::empty({B, C}, logits.options());
+  at::Tensor grad = empty_reusable({B, C}, logits.options());  // reused block: no page faults
   at::Tensor loss_rows = at::empty({B}, logits.options().dtype(at::kDouble));
   at::Tensor raw_stats = compute_stats ? at::zeros({3, C}, f32) : at::empty({0}, f32);
   at::Tensor raw_pairwise = compute_stats && track_pairwise ? at::zeros({C, C}, f32) : at::empty({0}, f32);
@@ -93,8 +94,8 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
     loss = at::scalar_tensor(value, logits.options());
   }
   at::Tensor counts = at::empty({2}, logits.options().dtype(at::kLong));
-  counts[0] = n_valid;
-  counts[1] = nonfinite;
+  counts.data_ptr<int64_t>()[0] = n_valid;
+  counts.data_ptr<int64_t>()[1] = nonfinite;
   return {loss, grad, raw_stats, raw_pairwise, counts};
 }
 

@@ -11,8 +11,9 @@
   before the step. On CPU torch keeps no allocator statistics (and ``tracemalloc`` does not see
   its allocations), so the probe is the process's peak resident set (``VmHWM`` of
   ``/proc/self/status``, reset by writing ``5`` to ``/proc/self/clear_refs``) minus the resident
-  set before the step, after ``malloc_trim(0)`` has returned freed heap pages to the system. It
-  has page resolution and counts every allocation of the step, torch's or not.
+  set before the step, after ``gala_kernels.release_cpu_buffers()`` (the fused CPU op's cached
+  gradient blocks) and ``malloc_trim(0)`` have returned freed memory to the system. It has page
+  resolution and counts every allocation of the step, torch's or not.
 """
 
 from __future__ import annotations
@@ -131,7 +132,12 @@ def _proc_status_kib(field: str) -> Optional[int]:
 
 
 def _release_freed_heap() -> None:
+    """Hand freed memory back to the system, so that what a step needs shows up as new resident
+    pages: gc, the fused CPU op's cached gradient blocks, and glibc's free heap."""
     gc.collect()
+    from .._extension import release_cpu_buffers
+
+    release_cpu_buffers()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
@@ -151,7 +157,8 @@ def memory_method(device: torch.device) -> str:
     if device.type == "cuda":
         return "torch.cuda.max_memory_allocated during one step minus memory_allocated before it"
     return ("peak resident set during one step (VmHWM after writing 5 to /proc/self/clear_refs) minus the "
-            "resident set before it, after gc and malloc_trim(0); counts torch's and every other allocation")
+            "resident set before it, after gc, gala_kernels.release_cpu_buffers() and malloc_trim(0); counts "
+            "torch's and every other allocation")
 
 
 def peak_extra_memory(step: Callable[[], None], device: torch.device) -> Optional[int]:
