@@ -303,3 +303,115 @@ def test_plain_pytorch_eager_step_matches_the_oracle(dtype):
         torch.testing.assert_close(grad, truth.grad, **TOLERANCES[dtype])
         for name, value in truth_state.state_dict().items():
             torch.testing.assert_close(state.state_dict()[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_whose_max_lies_far_past_their_first_vector(backend, dtype):
+    """The kernels take the first vector's max as the exp reference and move it up only when a
+    block needs it (the max more than 60 above it, or on AVX-512 a block sum past 1024 * e^60):
+    blocks below, at and past those limits, in the second and in the last block of 1024 columns."""
+    B, C = 8, 2500
+    logits, labels = make_inputs(B, C, torch.float64, scale=1.0, seed=77)
+    logits[:, :16] -= 20.0  # a low first vector in every row
+    logits[0, 2400] = 200.0  # far past: exp would overflow without a new reference
+    logits[1, 1030] = 45.0  # one value e^65 above: no new reference needed
+    logits[2, 1024:2048] += 45.0  # a whole block 65 above: its sum passes 1024 * e^60
+    logits[3, 1500] = 68.0  # e^88 above the reference: just under fp32 overflow
+    logits[4, 2499] = 70.0  # e^90 above: overflows fp32 without a new reference
+    logits[5, 1024:] += 30.0  # 50 above, everywhere past the first block
+    logits[6, 2048:] += 100.0  # the last block alone, 120 above
+    labels[0], labels[4], labels[6] = 2400, 3, 2100
+    check_against_truth(backend, logits.to(dtype), labels, warmed_state(C), reduction="none")
+
+
+requires_cpu_op = pytest.mark.skipif(not backends.availability("cpu", torch.device("cpu"))[0],
+                                     reason="gala_kernels._C not built")
+
+CPU_OP_CHECK = """
+import torch, gala_kernels as gk
+from gala_kernels import backends, reference
+assert backends.availability("cpu", torch.device("cpu"))[0]
+g = torch.Generator().manual_seed(3)
+for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float64, 1e-9)):
+    for C in (1, 17, 1030, 2500):
+        z = (torch.randn(9, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+        z[2, C // 2] = float("-inf")
+        y = torch.randint(0, C, (9,), generator=g)
+        y[4] = -100
+        states = [gk.GALAState(C), gk.GALAState(C)]
+        got = gk.fused_gala_ce(z.clone().requires_grad_(True), y, states[0], backend="cpu", reduction="none")
+        want = gk.fused_gala_ce(z.double(), y, states[1], backend="torch", reduction="none")
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True)
+        for a, b in zip(states[0].stat_vectors, states[1].stat_vectors):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+print("ok", torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@requires_cpu_op
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_the_cpu_op_compiled_for_each_vector_isa(capability):
+    """The C++ kernel is compiled for DEFAULT, AVX2 and AVX-512 and picked at run time by
+    ATEN_CPU_CAPABILITY (as PyTorch's own kernels): each build against the float64 reference,
+    with a -inf row, an ignored row and odd C (the AVX-512 fp32 path has its own exp and its own
+    non-finite test)."""
+    import subprocess
+    import sys
+
+    env = dict(__import__("os").environ, ATEN_CPU_CAPABILITY=capability)
+    out = subprocess.run([sys.executable, "-c", CPU_OP_CHECK], capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ran_on = out.stdout.split()[-1].lower()
+    if ran_on != capability:  # this CPU lacks the ISA: torch caps the capability it reports
+        pytest.skip(f"this CPU runs {ran_on}, not {capability}")
+
+
+@requires_cpu_op
+def test_freed_gradients_are_reused_and_can_be_released():
+    """The CPU op's B x C gradient (>= 1 MiB) comes from a cache of freed blocks: a training loop
+    gets the previous step's block back instead of faulting fresh pages in. A block still in use
+    is never handed out, every value of a reused block is rewritten, and
+    ``release_cpu_buffers`` frees what the cache holds."""
+    gk.release_cpu_buffers()
+    B, C = 64, 8142  # 2 MiB of fp32 gradient
+    state = gk.GALAState(C)
+    seen = []
+    for step in range(3):
+        logits, labels = make_inputs(B, C, torch.float32, ignore_every=5, seed=step)
+        logits[3, 10] = float("nan")  # a non-finite row: its gradient row is NaN, not stale
+        truth = run_step(logits.double(), labels, copy.deepcopy(state), backend="torch").grad
+        z = logits.clone().requires_grad_(True)
+        gk.fused_gala_ce(z, labels, state, backend="cpu").backward()
+        seen.append(z.grad.data_ptr())
+        torch.testing.assert_close(z.grad.double(), truth, equal_nan=True, **TOLERANCES[torch.float32])
+        z.grad = None  # freed: into the cache
+        assert gk.cached_cpu_buffer_bytes() == B * C * 4
+    assert seen[1] == seen[0] and seen[2] == seen[0]
+
+    logits, labels = make_inputs(B, C, torch.float32, seed=9)
+    z1, z2 = (logits.clone().requires_grad_(True) for _ in range(2))
+    g1 = torch.autograd.grad(gk.fused_gala_ce(z1, labels, backend="cpu"), z1)[0]
+    g2 = torch.autograd.grad(gk.fused_gala_ce(z2, labels, backend="cpu"), z2)[0]
+    assert g1.data_ptr() != g2.data_ptr() and torch.equal(g1, g2)
+    del g1, g2
+    assert gk.cached_cpu_buffer_bytes() == 2 * B * C * 4  # at most two blocks are kept
+    assert gk.release_cpu_buffers() == 2 * B * C * 4
+    assert gk.cached_cpu_buffer_bytes() == 0
+
+
+@requires_cpu_op
+def test_the_gradient_cache_can_be_turned_off():
+    import subprocess
+    import sys
+
+    code = ("import torch, gala_kernels as gk\n"
+            "z = torch.randn(64, 8142, requires_grad=True)\n"
+            "gk.fused_gala_ce(z, torch.zeros(64, dtype=torch.long), backend='cpu').backward()\n"
+            "z.grad = None\n"
+            "print(gk.cached_cpu_buffer_bytes())\n")
+    env = dict(__import__("os").environ, GALA_CPU_BUFFER_CACHE="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0"
