@@ -44,7 +44,7 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: i
     """``dloss/dlogits = grad * grad_output`` (per row for reduction "none")."""
     if reduction == _NONE:
         return grad * grad_output.unsqueeze(1).to(grad.dtype)
-    if _is_eager(grad_output) and bool(grad_output == 1):
+    if _is_eager(grad_output) and grad_output.item() == 1:  # item: ~1 us on CPU, `== 1` ~15 us
         return grad  # the common case: loss.backward() on the mean loss, nothing to scale
     return grad * grad_output.to(grad.dtype)
 

@@ -186,10 +186,12 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
 
     stats = sync_step_statistics(state, stats)
     counts = stats.counts
+    nonfinite = counts[1]
     if counts.device.type == "cpu" and not torch.compiler.is_compiling():
         # N read on the host (free for a CPU tensor): one op fewer per scaled tensor. Same values:
         # a float32 tensor times a float64 scalar is computed in float32 either way.
-        s = 1.0 / max(int(counts[0]), 1)
+        n_rows, nonfinite = counts.tolist()
+        s = 1.0 / max(n_rows, 1)
     else:
         s = 1.0 / counts[0].clamp(min=1).to(torch.float64)  # stays on the device: no host sync
     groups = [(state.stat_vectors, list((stats.raw * s).float().unbind(0)), state.running_vectors)]
@@ -207,7 +209,7 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
                 torch._foreach_mul_(targets, state.ema_beta)
                 torch._foreach_add_(targets, increments, alpha=1.0 - state.ema_beta)
         state.steps.add_(1)
-        state.nonfinite_rows.add_(counts[1])
+        state.nonfinite_rows.add_(nonfinite)
 
 
 def gala_ce(

@@ -87,7 +87,9 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
   if (mode == Reduction::None) {
     loss = loss_rows.to(logits.scalar_type());
   } else {
-    const double total = loss_rows.sum().item<double>();
+    double total = 0.0;  // a plain loop: at::sum + item cost ~12 us per call, a short step's host time
+    const double* rows = loss_rows.data_ptr<double>();
+    for (int64_t i = 0; i < B; ++i) total += rows[i];
     const double value = mode == Reduction::Sum ? total
                          : n_valid > 0          ? total / static_cast<double>(n_valid)
                                                 : std::numeric_limits<double>::quiet_NaN();
