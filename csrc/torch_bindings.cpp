@@ -28,6 +28,12 @@ TORCH_LIBRARY(gala, m) {
   m.def("softmax_colsum_add_(Tensor logits, Tensor(a!) out, str variant=\"\", int ctas_per_sm=0) -> ()");
   // CUDA only: the kernel variant softmax_colsum_add_ runs for these logits ("" = default rule).
   m.def("softmax_colsum_cuda_variant(Tensor logits, str variant=\"\") -> str");
+  // A step's raw statistics (the (3, C) raw_stats of fused_ce_fwd) folded into a GALAState's
+  // float32 vectors: mode 0 "cumulative" (running += raw * scale; targets += running), 1 "sum"
+  // (targets += raw * scale, running empty); steps += 1, nonfinite_rows += nonfinite.
+  // CPU only (cpu/fold_stats_cpu.cpp); the same bits as reference.fold_increments.
+  m.def("fold_stats_(Tensor raw, float scale, Tensor(a!)[] targets, Tensor(b!)[] running, int mode, "
+        "Tensor(c!) steps, Tensor(d!) nonfinite_rows, int nonfinite) -> ()");
   // The CPU blocks kept for reuse (the fused op's freed gradients; cpu/reusable_buffer_cpu.cpp):
   // release them all (returns their bytes), or count them.
   m.def("release_cpu_buffers() -> int", &gala::cpu::release_cached_buffers);

@@ -41,7 +41,7 @@ def unavailable_reason() -> str:
     return _reason
 
 
-_KNOWN_OPS = ("fused_ce_fwd", "softmax_colsum", "softmax_colsum_add_")
+_KNOWN_OPS = ("fused_ce_fwd", "softmax_colsum", "softmax_colsum_add_", "fold_stats_")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 _kernels: dict = {}
 

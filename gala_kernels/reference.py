@@ -170,6 +170,20 @@ def reference_fused_ce(
     return loss.to(logits.dtype), grad, raw, raw_pairwise, counts
 
 
+_CPP_FOLD_MODES = {"cumulative": 0, "sum": 1}
+
+
+def _fold_in_cpp(state: GALAState, stats: StepStatistics) -> bool:
+    """Whether the C++ CPU fold (``gala::fold_stats_``, the same bits) can take this step: an eager
+    CPU step with float32 raw statistics, no pairwise tracking, a cumulative or sum state."""
+    from . import _extension
+
+    raw = stats.raw
+    return (state.accumulation in _CPP_FOLD_MODES and state.pairwise is None and type(raw) is torch.Tensor
+            and raw.dtype == torch.float32 and raw.dim() == 2 and raw.is_contiguous()
+            and _extension.has_kernel("fold_stats_", "CPU"))
+
+
 def fold_increments(state: GALAState, stats: StepStatistics) -> None:
     """Fold one step's raw statistics into ``state`` (SPEC.md, "Folding the increments").
 
@@ -192,6 +206,12 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
         # a float32 tensor times a float64 scalar is computed in float32 either way.
         n_rows, nonfinite = counts.tolist()
         s = 1.0 / max(n_rows, 1)
+        if _fold_in_cpp(state, stats):  # the same float32 operations in one C++ pass
+            running = state.running_vectors if state.accumulation == "cumulative" else []
+            torch.ops.gala.fold_stats_(stats.raw, s, state.stat_vectors, running,
+                                       _CPP_FOLD_MODES[state.accumulation], state.steps, state.nonfinite_rows,
+                                       nonfinite)
+            return
     else:
         s = 1.0 / counts[0].clamp(min=1).to(torch.float64)  # stays on the device: no host sync
     groups = [(state.stat_vectors, list((stats.raw * s).float().unbind(0)), state.running_vectors)]

@@ -415,3 +415,46 @@ def test_the_gradient_cache_can_be_turned_off():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "0"
+
+
+@requires_cpu_op
+@pytest.mark.parametrize("accumulation", ["cumulative", "sum", "ema"])
+@pytest.mark.parametrize("track_pairwise", [False, True])
+def test_the_cpp_fold_gives_the_python_folds_bits(accumulation, track_pairwise):
+    """Eager CPU steps fold their statistics with ``gala::fold_stats_`` (cumulative and sum, no
+    pairwise tracking) and otherwise in Python; both must leave the very same state."""
+    from gala_kernels import reference
+
+    C = 1030
+    cpp_state = gk.GALAState(C, accumulation=accumulation, track_pairwise=track_pairwise)
+    python_state = copy.deepcopy(cpp_state)
+    for step in range(3):
+        logits, labels = make_inputs(33, C, torch.float32, ignore_every=6, seed=step)
+        logits[4, 9] = float("inf")
+        bias = reference.class_bias(cpp_state, 1.2, 1e-3)
+        _, _, raw, raw_pairwise, counts = torch.ops.gala.fused_ce_fwd(logits, labels, bias, -100, 1, True,
+                                                                      track_pairwise)
+        stats = reference.StepStatistics(raw, raw_pairwise if track_pairwise else None, counts)
+        expected_cpp = accumulation != "ema" and not track_pairwise
+        assert reference._fold_in_cpp(cpp_state, stats) == expected_cpp
+        reference.fold_increments(cpp_state, stats)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(reference, "_fold_in_cpp", lambda *args: False)
+            reference.fold_increments(python_state, stats)
+    for (name, got), (_, want) in zip(cpp_state.state_dict().items(), python_state.state_dict().items()):
+        assert torch.equal(got, want), name
+    assert int(cpp_state.steps) == 3 and int(cpp_state.nonfinite_rows) == 3
+
+
+@requires_cpu_op
+def test_the_cpp_fold_rejects_what_it_cannot_fold():
+    state = gk.GALAState(10)
+    good = dict(raw=torch.zeros(3, 10), scale=0.5, targets=state.stat_vectors, running=state.running_vectors,
+                mode=0, steps=state.steps, nonfinite_rows=state.nonfinite_rows, nonfinite=0)
+    for change, message in ((dict(raw=torch.zeros(3, 11)), "targets must be contiguous float32"),
+                            (dict(raw=torch.zeros(3, 10, dtype=torch.float64)), "raw must be"),
+                            (dict(mode=2), "mode must be 0"),
+                            (dict(running=[]), "expected 3 running vectors")):
+        with pytest.raises(ValueError, match=message):
+            torch.ops.gala.fold_stats_(**{**good, **change})
+    assert torch.count_nonzero(torch.stack(state.stat_vectors)) == 0 and int(state.steps) == 0
