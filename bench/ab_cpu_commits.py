@@ -1,0 +1,148 @@
+"""The fused CPU training step of several commits, side by side in one process.
+
+Absolute times on a small shared VM move by up to 2x within minutes, so two benchmark runs of two
+builds cannot be compared. This script builds the C++ extension of each named commit with its op
+namespace renamed (``gala`` -> ``gala_<n>``), loads them all next to the working tree's build, and
+times the same training step (``fused_gala_ce(...).backward()`` on the working tree's Python
+code, only the op swapped) interleaved step by step with ``F.cross_entropy`` and a copy of the
+logits. Ratios are the medians of per-round ratios against the first commit.
+
+    python bench/ab_cpu_commits.py 41d6f72 HEAD~1 [--classes 8142 --batch 512 --rounds 100 --runs 3]
+
+Needs git, cmake, ninja and a compiler (as the main build); builds go to a temporary directory
+(``--build-root``) and are reused when present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_commit(commit: str, namespace: str, build_root: Path) -> Path:
+    """The commit's extension with its op namespace renamed; returns the .so path."""
+    sha = subprocess.check_output(["git", "rev-parse", "--short", commit], cwd=ROOT, text=True).strip()
+    out_dir = build_root / f"{namespace}_{sha}"
+    built = sorted(out_dir.glob("lib/_C*.so"))
+    if built:
+        return built[0]
+    src = out_dir / "src"
+    src.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.check_output(["git", "archive", "--format=tar", sha, "csrc", "CMakeLists.txt"],
+                                      cwd=ROOT)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(src, filter="data")
+    for path in (src / "csrc").rglob("*"):
+        if path.suffix not in {".cpp", ".h", ".cu", ".cuh"}:
+            continue
+        text = path.read_text()
+        text = re.sub(r"TORCH_LIBRARY(_IMPL)?\(gala,", rf"TORCH_LIBRARY\1({namespace},", text)
+        text = re.sub(r"\bnamespace gala\b", f"namespace {namespace}", text)
+        text = re.sub(r"\bgala::", f"{namespace}::", text)
+        path.write_text(text)
+    subprocess.check_call(["cmake", "-S", str(src), "-B", str(out_dir / "build"), "-G", "Ninja",
+                           f"-DPython_EXECUTABLE={sys.executable}",
+                           f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir / 'lib'}"], stdout=subprocess.DEVNULL)
+    subprocess.check_call(["cmake", "--build", str(out_dir / "build"), "-j", str(os.cpu_count() or 2)],
+                          stdout=subprocess.DEVNULL)
+    return sorted(out_dir.glob("lib/_C*.so"))[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("commits", nargs="+",
+                        help="commits to compare; the working tree's build is added last")
+    parser.add_argument("--classes", type=int, default=8142)
+    parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--runs", type=int, default=3, help="independent runs (each: warm-up, then rounds)")
+    parser.add_argument("--build-root", default=os.path.join(tempfile.gettempdir(), "gala_ab_builds"))
+    args = parser.parse_args()
+
+    import gala_kernels
+    from gala_kernels import GALAState, backends, fused_gala_ce, ops
+
+    ops_by_name = {}
+    for index, commit in enumerate(args.commits):
+        namespace = f"gala_{index}"
+        torch.ops.load_library(str(build_commit(commit, namespace, Path(args.build_root))))
+        ops.register_fused_ce(f"{namespace}::fused_ce_fwd")
+        ops_by_name[commit] = getattr(torch.ops, namespace).fused_ce_fwd
+    working_tree = backends.fused_ce_op
+    ops_by_name["working tree"] = working_tree("cpu")
+
+    B, C = args.batch, args.classes
+    generator = torch.Generator().manual_seed(0)
+    count = max(2, -(-(64 << 20) // (B * C * 4)))  # logits rotated through >= 64 MiB
+    buffers = [(torch.randn(B, C, generator=generator) * 2).requires_grad_(True) for _ in range(count)]
+    labels = torch.randint(0, C, (B,), generator=generator)
+    position = [0]
+
+    def next_logits():
+        position[0] = (position[0] + 1) % len(buffers)
+        return buffers[position[0]]
+
+    def gala_step(name, state):
+        def step():
+            backends.fused_ce_op = lambda _backend: ops_by_name[name]
+            z = next_logits()
+            started = time.perf_counter()
+            fused_gala_ce(z, labels, state, backend="cpu").backward()
+            z.grad = None
+            return time.perf_counter() - started
+        return step
+
+    out = torch.empty(B, C)
+
+    def ce_step():
+        z = next_logits()
+        started = time.perf_counter()
+        F.cross_entropy(z, labels).backward()
+        z.grad = None
+        return time.perf_counter() - started
+
+    def copy_step():
+        z = next_logits()
+        started = time.perf_counter()
+        out.copy_(z.detach())
+        return time.perf_counter() - started
+
+    print(f"{B} x {C} fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    first = args.commits[0]
+    for run in range(args.runs):
+        steps = {name: gala_step(name, GALAState(C)) for name in ops_by_name}
+        steps["F.cross_entropy"], steps["copy"] = ce_step, copy_step
+        for _ in range(3):
+            for step in steps.values():
+                step()
+        samples = {name: [] for name in steps}
+        for _ in range(args.rounds):
+            for name, step in steps.items():
+                samples[name].append(step())
+        backends.fused_ce_op = working_tree
+        cells = []
+        for name, values in samples.items():
+            median = statistics.median(values) * 1e3
+            ratio = statistics.median([a / b for a, b in zip(values, samples[first])])
+            cells.append(f"{name} {median:.3f} ms ({ratio:.3f}x of {first})")
+        print(f"run {run + 1}: " + "; ".join(cells))
+    del gala_kernels
+
+
+if __name__ == "__main__":
+    main()
