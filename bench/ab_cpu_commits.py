@@ -7,7 +7,8 @@ times the same training step (``fused_gala_ce(...).backward()`` on the working t
 code, only the op swapped) interleaved step by step with ``F.cross_entropy`` and a copy of the
 logits. Ratios are the medians of per-round ratios against the first commit.
 
-    python bench/ab_cpu_commits.py 41d6f72 HEAD~1 [--classes 8142 --batch 512 --rounds 100 --runs 3]
+    python bench/ab_cpu_commits.py 41d6f72 HEAD~1 [--classes 8142 --batch 512 --dtype float32
+                                                    --rounds 100 --runs 3]
 
 Needs git, cmake, ninja and a compiler (as the main build); builds go to a temporary directory
 (``--build-root``) and are reused when present.
@@ -68,6 +69,7 @@ def main() -> None:
                         help="commits to compare; the working tree's build is added last")
     parser.add_argument("--classes", type=int, default=8142)
     parser.add_argument("--batch", type=int, default=512)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3, help="independent runs (each: warm-up, then rounds)")
     parser.add_argument("--build-root", default=os.path.join(tempfile.gettempdir(), "gala_ab_builds"))
@@ -85,10 +87,11 @@ def main() -> None:
     working_tree = backends.fused_ce_op
     ops_by_name["working tree"] = working_tree("cpu")
 
-    B, C = args.batch, args.classes
+    B, C, dtype = args.batch, args.classes, getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
-    count = max(2, -(-(64 << 20) // (B * C * 4)))  # logits rotated through >= 64 MiB
-    buffers = [(torch.randn(B, C, generator=generator) * 2).requires_grad_(True) for _ in range(count)]
+    count = max(2, -(-(64 << 20) // (B * C * dtype.itemsize)))  # logits rotated through >= 64 MiB
+    buffers = [(torch.randn(B, C, generator=generator) * 2).to(dtype).requires_grad_(True)
+               for _ in range(count)]
     labels = torch.randint(0, C, (B,), generator=generator)
     position = [0]
 
@@ -106,7 +109,7 @@ def main() -> None:
             return time.perf_counter() - started
         return step
 
-    out = torch.empty(B, C)
+    out = torch.empty(B, C, dtype=dtype)
 
     def ce_step():
         z = next_logits()
@@ -121,7 +124,7 @@ def main() -> None:
         out.copy_(z.detach())
         return time.perf_counter() - started
 
-    print(f"{B} x {C} fp32, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{B} x {C} {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
     first = args.commits[0]
     for run in range(args.runs):

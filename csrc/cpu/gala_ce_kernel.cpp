@@ -302,48 +302,106 @@ inline void grad_block_stream(const float* e, int64_t n, float s, float sw, floa
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512)
-// exp_block's AVX-512 fp32 sweep of block b of one row and grad_block_stream's pass 2 of block b
-// of the previous row, in one loop: vector j of the new row's exp next to vector j of the old
-// row's gradient, so that the streaming stores leave at an even rate instead of as a burst of a
-// whole block. The loop starts at the head that aligns the gradient stores to 64 bytes (the head
-// and the tail run masked). The reference-too-low redo, rare, is exp_block alone.
-// Measured (512 x 8,142 fp32 training step, 2 threads, 2-core EPYC VM, 2026-11-27, three runs of
-// 100 steps, every version in one process, interleaved): 0.75-0.78x the time of commit 41d6f72,
-// against 0.88-0.97x for this kernel with exp_block and row_pass2 block after block.
-BlockSums<float> exp_block_with_pass2(const float* x, const float* bias, int64_t n, float ref, float* e,
+// Loads and streaming stores of 16 logits / gradient values as 16 fp32 lanes: fp32 itself, or
+// bf16 / fp16 converted on the way (round to nearest even, as c10::BFloat16 and c10::Half do; the
+// gradients written here are finite). kStreamAlign: the alignment a streaming store needs (a
+// whole 64-byte line for fp32, 32 bytes for the 16 values of a reduced type).
+template <typename scalar_t>
+struct Lanes16;
+
+template <>
+struct Lanes16<float> {
+  static constexpr int64_t kStreamAlign = 64;
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
+  static void stream(float* p, __m512 v) { _mm512_stream_ps(p, v); }
+  static void store(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
+};
+
+inline __m512 bf16_to_fp32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m256i fp32_to_bf16(__m512 v) {  // round to nearest even (finite values)
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+// bf16 and fp16: 16 values are 32 bytes.
+inline __m256i load_bits(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+inline void stream_bits(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+
+template <>
+struct Lanes16<c10::BFloat16> {
+  using T = c10::BFloat16;
+  static constexpr int64_t kStreamAlign = 32;
+  static __m512 load(const T* p) { return bf16_to_fp32(load_bits(p)); }
+  static __m512 load(__mmask16 mask, const T* p) { return bf16_to_fp32(_mm256_maskz_loadu_epi16(mask, p)); }
+  static void stream(T* p, __m512 v) { stream_bits(p, fp32_to_bf16(v)); }
+  static void store(T* p, __mmask16 mask, __m512 v) { _mm256_mask_storeu_epi16(p, mask, fp32_to_bf16(v)); }
+};
+
+template <>
+struct Lanes16<c10::Half> {
+  using T = c10::Half;
+  static constexpr int64_t kStreamAlign = 32;
+  static constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  static __m512 load(const T* p) { return _mm512_cvtph_ps(load_bits(p)); }
+  static __m512 load(__mmask16 mask, const T* p) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p)); }
+  static void stream(T* p, __m512 v) { stream_bits(p, _mm512_cvtps_ph(v, kRound)); }
+  static void store(T* p, __mmask16 mask, __m512 v) { _mm256_mask_storeu_epi16(p, mask, _mm512_cvtps_ph(v, kRound)); }
+};
+
+// exp_block's AVX-512 fp32-math sweep of block b of one row and the pass 2 of block b of the
+// previous row (gradient by streaming stores, cls_neg sums), in one loop: vector j of the new
+// row's exp next to vector j of the old row's gradient, so that the streaming stores leave at an
+// even rate instead of as a burst of a whole block. The logits are read (and bf16 / fp16
+// converted) straight from z. The loop starts at the head that aligns the gradient stores (the
+// head and the tail run masked). The reference-too-low redo, rare, is exp_block alone.
+// Measured (512 x 8,142 training step, 2 threads, 2-core EPYC VM, 2026-11-27, all versions in one
+// process, interleaved; bench/ab_cpu_commits.py): fp32, 0.75-0.78x the time of commit 41d6f72,
+// against 0.88-0.97x for this kernel with exp_block and row_pass2 block after block; bf16 and
+// fp16 (the fused loop extended to them, with the logits converted in registers instead of into
+// the scratch row first), 0.91-0.93x and 0.62-0.65x the time of the fp32-only fused loop.
+template <typename scalar_t>
+BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, int64_t n, float ref, float* e,
                                       const PrefetchStream& pf, int64_t prefetch_from, const float* e_prev,
-                                      float s, float sw, float* g, float* cls) {
+                                      float s, float sw, scalar_t* g, float* cls) {
+  using Lanes = Lanes16<scalar_t>;
   const __m512 vref = _mm512_set1_ps(ref), vzero = _mm512_setzero_ps();
   const __m512 vs = _mm512_set1_ps(s), vsw = _mm512_set1_ps(sw);
   __m512 vsum = vzero, vfin = vzero;
   auto masked = [&](int64_t j, int64_t count) {
     const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
-    __m512 a = _mm512_maskz_loadu_ps(mask, x + j);
+    __m512 a = Lanes::load(mask, z + j);
     if (bias) a = _mm512_add_ps(a, _mm512_maskz_loadu_ps(mask, bias + j));
     vfin = _mm512_fmadd_ps(a, vzero, vfin);
     const __m512 ex = exp_of_difference(_mm512_sub_ps(a, vref));
     _mm512_mask_storeu_ps(e + j, mask, ex);
     vsum = _mm512_mask_add_ps(vsum, mask, vsum, ex);
     const __m512 ep = _mm512_maskz_loadu_ps(mask, e_prev + j);
-    _mm512_mask_storeu_ps(g + j, mask, _mm512_mul_ps(ep, vsw));
+    Lanes::store(g + j, mask, _mm512_mul_ps(ep, vsw));
     if (cls) _mm512_mask_storeu_ps(cls + j, mask, _mm512_fmadd_ps(ep, vs, _mm512_maskz_loadu_ps(mask, cls + j)));
   };
-  const int64_t head = std::min<int64_t>(n, ((64 - (reinterpret_cast<uintptr_t>(g) & 63)) & 63) / 4);
+  constexpr int64_t kAlign = Lanes::kStreamAlign;
+  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(g) & (kAlign - 1));
+  const int64_t head = std::min<int64_t>(n, ((kAlign - misaligned) & (kAlign - 1)) / int64_t(sizeof(scalar_t)));
   if (head > 0) masked(0, head);
   int64_t j = head;
   for (; j + 16 <= n; j += 16) {
     if (prefetch_from >= 0) {
-      const char* p = pf.at(prefetch_from + kPrefetchAhead + j * int64_t(sizeof(float)));
+      const char* p = pf.at(prefetch_from + kPrefetchAhead + j * int64_t(sizeof(scalar_t)));
       if (p) __builtin_prefetch(p, 0, kPrefetchLocality);
     }
-    __m512 a = _mm512_loadu_ps(x + j);
+    __m512 a = Lanes::load(z + j);
     if (bias) a = _mm512_add_ps(a, _mm512_loadu_ps(bias + j));
     vfin = _mm512_fmadd_ps(a, vzero, vfin);
     const __m512 ex = exp_of_difference(_mm512_sub_ps(a, vref));
     _mm512_storeu_ps(e + j, ex);
     vsum = _mm512_add_ps(vsum, ex);
     const __m512 ep = _mm512_loadu_ps(e_prev + j);
-    _mm512_stream_ps(g + j, _mm512_mul_ps(ep, vsw));
+    Lanes::stream(g + j, _mm512_mul_ps(ep, vsw));
     if (cls) _mm512_storeu_ps(cls + j, _mm512_fmadd_ps(ep, vs, _mm512_loadu_ps(cls + j)));
   }
   if (j < n) masked(j, n - j);
@@ -447,29 +505,30 @@ bool row_pass1(const scalar_t* z, const at::opmath_type<scalar_t>* bias, int64_t
     const int64_t n = std::min(kBlock, C - start);
     const acc_t* bias_b = bias ? bias + start : nullptr;
     warm_tlb(pf, start * int64_t(sizeof(scalar_t)));
-    const acc_t* x = block_in_acc_type(z + start, e + start, n);
     if (b == 0) {  // the first reference: max of a over the row's first vector
       const int64_t k = std::min<int64_t>(Vec::size(), n);
-      m = x[0] + (bias ? bias[0] : acc_t(0));
-      for (int64_t j = 1; j < k; ++j) m = std::max(m, x[j] + (bias ? bias[j] : acc_t(0)));
+      m = static_cast<acc_t>(z[0]) + (bias ? bias[0] : acc_t(0));
+      for (int64_t j = 1; j < k; ++j) m = std::max(m, static_cast<acc_t>(z[j]) + (bias ? bias[j] : acc_t(0)));
       if (!std::isfinite(m)) return false;
     }
     acc_t ref = m;
     BlockSums<acc_t> sums;
+    const acc_t* x = nullptr;  // the block in acc_t, when converted (exp_block path)
     bool prev_block_done = false;  // pass 2 of the previous row's block b ran in the same loop
 #if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (std::is_same_v<acc_t, float>) {
       if (prev.grad_row && prev.next_block == b) {
         const auto [s, sw] = block_scale(prev, b, w);
-        sums = exp_block_with_pass2(x, bias_b, n, ref, e + start, pf, start * int64_t(sizeof(scalar_t)),
-                                    prev.exp_row.data() + start, s, sw, prev.grad_row + start,
-                                    cls_neg_acc ? cls_neg_acc + start : nullptr);
+        sums = exp_block_with_pass2<scalar_t>(z + start, bias_b, n, ref, e + start, pf,
+                                              start * int64_t(sizeof(scalar_t)), prev.exp_row.data() + start, s,
+                                              sw, prev.grad_row + start, cls_neg_acc ? cls_neg_acc + start : nullptr);
         finish_pass2_blocks(prev, b + 1, w);
         prev_block_done = true;
       }
     }
 #endif
     if (!prev_block_done) {
+      x = block_in_acc_type(z + start, e + start, n);
       sums = exp_block<scalar_t>(x, bias_b, n, ref, e + start, pf, start * int64_t(sizeof(scalar_t)));
     }
     if (!sums.finite) return false;
