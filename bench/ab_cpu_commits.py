@@ -5,7 +5,8 @@ builds cannot be compared. This script builds the C++ extension of each named co
 namespace renamed (``gala`` -> ``gala_<n>``), loads them all next to the working tree's build, and
 times the same training step (``fused_gala_ce(...).backward()`` on the working tree's Python
 code, only the op swapped) interleaved step by step with ``F.cross_entropy`` and a copy of the
-logits. Ratios are the medians of per-round ratios against the first commit.
+logits, in an order rotated every round (a step runs slower right after a memory-heavy neighbour).
+Ratios are the medians of per-round ratios against the first commit.
 
     python bench/ab_cpu_commits.py 41d6f72 HEAD~1 [--classes 8142 --batch 512 --dtype float32
                                                     --rounds 100 --runs 3]
@@ -134,9 +135,13 @@ def main() -> None:
             for step in steps.values():
                 step()
         samples = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                samples[name].append(step())
+        names = list(steps)
+        for round_index in range(args.rounds):
+            # Rotate the order every round: a step runs slower after some neighbours (a memory-heavy
+            # F.cross_entropy, a copy), so each implementation must follow each other one as often.
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                samples[name].append(steps[name]())
         backends.fused_ce_op = working_tree
         cells = []
         for name, values in samples.items():

@@ -45,7 +45,7 @@ def test_shapes_and_dtypes(backend, dtype, C, B):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_reductions_ignored_rows_and_grad_output(backend, reduction, dtype):
-    B, C = 37, 1500  # C larger than one 1024-column block of the CPU kernel
+    B, C = 37, 2500  # C larger than one 2048-column block of the CPU kernel
     logits, labels = make_inputs(B, C, dtype, ignore_every=3, seed=7)
     shape = (B,) if reduction == "none" else ()
     grad_output = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -274,7 +274,7 @@ def test_a_million_classes(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("C", [1, 3, 17, 1030])
+@pytest.mark.parametrize("C", [1, 3, 17, 1030, 2100])
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_a_non_finite_logit_anywhere_in_the_row(backend, C, bad):
     """In a full vector, in the scalar tail, in a row shorter than one vector, in a second block."""
@@ -309,19 +309,20 @@ def test_plain_pytorch_eager_step_matches_the_oracle(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_whose_max_lies_far_past_their_first_vector(backend, dtype):
     """The kernels take the first vector's max as the exp reference and move it up only when a
-    block needs it (the max more than 60 above it, or on AVX-512 a block sum past 1024 * e^60):
-    blocks below, at and past those limits, in the second and in the last block of 1024 columns."""
-    B, C = 8, 2500
+    block needs it (the max more than 60 above it, or on AVX-512 a block sum past kBlock * e^60,
+    kBlock = 2048 columns): blocks below, at and past those limits, in the second and in the last
+    block."""
+    B, C = 8, 5000
     logits, labels = make_inputs(B, C, torch.float64, scale=1.0, seed=77)
     logits[:, :16] -= 20.0  # a low first vector in every row
-    logits[0, 2400] = 200.0  # far past: exp would overflow without a new reference
-    logits[1, 1030] = 45.0  # one value e^65 above: no new reference needed
-    logits[2, 1024:2048] += 45.0  # a whole block 65 above: its sum passes 1024 * e^60
-    logits[3, 1500] = 68.0  # e^88 above the reference: just under fp32 overflow
-    logits[4, 2499] = 70.0  # e^90 above: overflows fp32 without a new reference
-    logits[5, 1024:] += 30.0  # 50 above, everywhere past the first block
-    logits[6, 2048:] += 100.0  # the last block alone, 120 above
-    labels[0], labels[4], labels[6] = 2400, 3, 2100
+    logits[0, 4900] = 200.0  # far past: exp would overflow without a new reference
+    logits[1, 2100] = 45.0  # one value e^65 above: no new reference needed
+    logits[2, 2048:4096] += 45.0  # a whole block 65 above: its sum passes 2048 * e^60
+    logits[3, 3000] = 68.0  # e^88 above the reference: just under fp32 overflow
+    logits[4, 4999] = 70.0  # e^90 above: overflows fp32 without a new reference
+    logits[5, 2048:] += 30.0  # 50 above, everywhere past the first block
+    logits[6, 4096:] += 100.0  # the last block alone, 120 above
+    labels[0], labels[4], labels[6] = 4900, 3, 4100
     check_against_truth(backend, logits.to(dtype), labels, warmed_state(C), reduction="none")
 
 
