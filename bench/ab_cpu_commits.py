@@ -5,7 +5,8 @@ builds cannot be compared. This script builds the C++ extension of each named co
 namespace renamed (``gala`` -> ``gala_<n>``), loads them all next to the working tree's build, and
 times the same training step (``fused_gala_ce(...).backward()`` on the working tree's Python
 code, only the op swapped) interleaved step by step with ``F.cross_entropy`` and a copy of the
-logits, in an order rotated every round (a step runs slower right after a memory-heavy neighbour).
+logits, in a new random order every round (a step runs slower right after a memory-heavy
+neighbour, so none may always follow the same one).
 Ratios are the medians of per-round ratios against the first commit.
 
     python bench/ab_cpu_commits.py 41d6f72 HEAD~1 [--classes 8142 --batch 512 --dtype float32
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import random
 import re
 import statistics
 import subprocess
@@ -136,11 +138,13 @@ def main() -> None:
                 step()
         samples = {name: [] for name in steps}
         names = list(steps)
-        for round_index in range(args.rounds):
-            # Rotate the order every round: a step runs slower after some neighbours (a memory-heavy
-            # F.cross_entropy, a copy), so each implementation must follow each other one as often.
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
+        order = random.Random(run)
+        for _ in range(args.rounds):
+            # A new random order every round: a step runs slower right after some neighbours (a
+            # memory-heavy F.cross_entropy, a copy), so no implementation may always follow the
+            # same one. (Rotating the order does not do it: the cyclic neighbours stay the same.)
+            order.shuffle(names)
+            for name in names:
                 samples[name].append(steps[name]())
         backends.fused_ce_op = working_tree
         cells = []

@@ -57,12 +57,11 @@ namespace gala::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Columns per block: the unit of the reference update and of pass 2. 2048 (8 KB of fp32, two
-// pages): against 1024, the training step took 0.78-0.83x against 0.84-0.88x the time of
-// b8ca882's in fp32 (which used 1024 with one TLB touch per block), 0.91-0.92x against
-// 0.87-0.89x in bf16; 4096 0.82-0.84x and 0.85-0.88x (512 x 8,142, bench/ab_cpu_commits.py, one
-// process, 2026-11-27). Differences of a few percent here are within what code layout alone
-// moves (two builds of the same loop differed by 10%).
+// Columns per block: the unit of the reference update and of pass 2 (8 KB of fp32). 2048 or 1024
+// made no clear difference: in one process, order rotated (bench/ab_cpu_commits.py, 512 x 8,142
+// fp32, 2026-11-27 15:23 UTC), 0.72-0.75x of 41d6f72's step time against 0.745-0.754x for 1024
+// (b8ca882). Two builds of the same code once differed by 15% there (code layout, or where
+// each build's gradient buffer landed), so only larger differences count.
 constexpr int64_t kBlock = 2048;
 // How far above the reference a block's max may be before the block is recomputed with its own
 // max as reference: exp(60) * (C = 1e9 columns) = 1e35 stays below FLT_MAX = 3.4e38.
@@ -311,10 +310,10 @@ inline void grad_block_stream(const float* e, int64_t n, float s, float sw, floa
 // converted on the way (round to nearest even, as c10::BFloat16 and c10::Half do; the gradients
 // written here are finite). write() is how a full vector of the gradient goes out: fp32 by a
 // streaming store of its whole 64-byte line, bf16 / fp16 by a plain store. Measured (512 x 8,142
-// training step, bench/ab_cpu_commits.py, 2-core EPYC VM, 2026-11-27), against commit 41d6f72:
-// fp32 streamed 0.78-0.82x, plain 0.88-0.90x; bf16 plain 0.66-0.68x, streamed 0.99-1.03x as
-// 32-byte halves and 0.85x as whole lines (two vectors); fp16 plain 0.42x, streamed 0.63-0.64x
-// and 0.49-0.52x. (The reduced types are bound by the arithmetic, not by memory.)
+// training step, versions side by side in one process, 2-core EPYC VM, 2026-11-27): bf16 plain
+// stores took 0.66-0.70x the time of 32-byte streaming stores, whole lines streamed two vectors
+// at a time 0.83x; fp16 0.67x and 0.84x (the reduced types are bound by the arithmetic, not by
+// memory); fp32 plain stores took 1.09-1.13x the time of streaming ones.
 template <typename scalar_t>
 struct Lanes16;
 
@@ -357,11 +356,12 @@ struct Lanes16<c10::Half> : ReducedLanes16<c10::Half, fp16_to_fp32, fp32_to_fp16
 // even rate instead of as a burst of a whole block. The logits are read (and bf16 / fp16
 // converted) straight from z. The loop starts at the head that aligns the gradient stores (the
 // head and the tail run masked). The reference-too-low redo, rare, is exp_block alone.
-// Measured (512 x 8,142 training step, 2 threads, 2-core EPYC VM, 2026-11-27, all versions in one
-// process, interleaved; bench/ab_cpu_commits.py): fp32, 0.75-0.78x the time of commit 41d6f72,
-// against 0.88-0.97x for this kernel with exp_block and row_pass2 block after block; bf16 and
-// fp16 (the fused loop extended to them, with the logits converted in registers instead of into
-// the scratch row first), 0.91-0.93x and 0.62-0.65x the time of the fp32-only fused loop.
+// Measured (512 x 8,142 training step, 2 threads, 2-core EPYC VM, 2026-11-27, versions side by
+// side in one process, order rotated; bench/ab_cpu_commits.py): fp32, 0.76-0.79x the time of
+// commit 41d6f72 (6df8cf8), against 0.94-0.96x for this kernel with exp_block and row_pass2 block
+// after block (309f9a0). bf16 and fp16 joined the loop in 96c3496 (logits converted in registers
+// instead of into the scratch row first) and write plain stores since b8ca882: 0.67-0.70x and
+// 0.45x of 41d6f72's step time now.
 template <typename scalar_t>
 BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, int64_t n, float ref, float* e,
                                       const PrefetchStream& pf, int64_t prefetch_from, const float* e_prev,
