@@ -57,11 +57,9 @@ namespace gala::cpu {
 namespace CPU_CAPABILITY {
 namespace {
 
-// Columns per block: the unit of the reference update and of pass 2 (8 KB of fp32). 2048 or 1024
-// made no clear difference: in one process, order rotated (bench/ab_cpu_commits.py, 512 x 8,142
-// fp32, 2026-11-27 15:23 UTC), 0.72-0.75x of 41d6f72's step time against 0.745-0.754x for 1024
-// (b8ca882). Two builds of the same code once differed by 15% there (code layout, or where
-// each build's gradient buffer landed), so only larger differences count.
+// Columns per block: the unit of the reference update and of pass 2 (8 KB of fp32). 1024, 2048
+// and 4096 made no difference bench/ab_cpu_commits.py can separate (three builds of the same
+// commit spread by 10-20% there).
 constexpr int64_t kBlock = 2048;
 // How far above the reference a block's max may be before the block is recomputed with its own
 // max as reference: exp(60) * (C = 1e9 columns) = 1e35 stays below FLT_MAX = 3.4e38.
@@ -112,12 +110,10 @@ struct PrefetchStream {
 };
 
 // One demand load of the logits kTlbWarmAhead bytes ahead, per 4 KB page: it fills the TLB entry
-// of a page before the block loop's software prefetches and loads reach it. A software prefetch
-// that misses the TLB does not seem to do the page walk here (moving the prefetch distance from
-// 0 to 32 KB changed nothing); a load does. Measured (512 x 8,142 fp32 with statistics, the op
-// alone, 2 threads, interleaved medians of 60 calls, 2-core EPYC VM, 2026-11-27): 1.69-1.72 ms
-// against 1.80-1.90 ms without, and the same at any distance from 12 to 48 KB. Reading a line of
-// the gradient ahead the same way was slower (it is written by streaming stores, not read).
+// of a page before the block loop's software prefetches and loads reach it (a TLB miss is dear on
+// this VM). Side by side in one process (512 x 8,142 fp32 training step, 2026-11-27), the build
+// without it took 1.07-1.08x the time of the build with it. Reading a line of the gradient ahead
+// the same way was slower (it is written by streaming stores, not read).
 constexpr int64_t kTlbWarmAhead = 32768;
 
 // Only within the current and the next row (a load, unlike a prefetch, must stay in bounds).
@@ -356,12 +352,12 @@ struct Lanes16<c10::Half> : ReducedLanes16<c10::Half, fp16_to_fp32, fp32_to_fp16
 // even rate instead of as a burst of a whole block. The logits are read (and bf16 / fp16
 // converted) straight from z. The loop starts at the head that aligns the gradient stores (the
 // head and the tail run masked). The reference-too-low redo, rare, is exp_block alone.
-// Measured (512 x 8,142 training step, 2 threads, 2-core EPYC VM, 2026-11-27, versions side by
-// side in one process, order rotated; bench/ab_cpu_commits.py): fp32, 0.76-0.79x the time of
-// commit 41d6f72 (6df8cf8), against 0.94-0.96x for this kernel with exp_block and row_pass2 block
-// after block (309f9a0). bf16 and fp16 joined the loop in 96c3496 (logits converted in registers
-// instead of into the scratch row first) and write plain stores since b8ca882: 0.67-0.70x and
-// 0.45x of 41d6f72's step time now.
+// Measured (512 x 8,142 training step, 2 threads, 2-core EPYC VM, 2026-11-27 15:33 UTC, versions
+// side by side in one process, a random order every round; bench/results/cpu/ab_cpu_commits.txt):
+// against commit 41d6f72, fp32 0.92-0.93x with this loop (6df8cf8) where the kernel with
+// exp_block and row_pass2 block after block took 1.05-1.07x (309f9a0); bf16 and fp16, which
+// joined the loop in 96c3496 (logits converted in registers instead of into the scratch row
+// first) and write plain stores since b8ca882: 0.71-0.74x and 0.46x now (fp32 0.87-0.89x).
 template <typename scalar_t>
 BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, int64_t n, float ref, float* e,
                                       const PrefetchStream& pf, int64_t prefetch_from, const float* e_prev,
