@@ -355,7 +355,7 @@ struct Lanes16<c10::Half> : ReducedLanes16<c10::Half, fp16_to_fp32, fp32_to_fp16
 // Measured (512 x 8,142 training step, 2 threads, 2-core EPYC VM, 2026-11-27 15:33 UTC, versions
 // side by side in one process, a random order every round; bench/results/cpu/ab_cpu_commits.txt):
 // against commit 41d6f72, fp32 0.92-0.93x with this loop (6df8cf8) where the kernel with
-// exp_block and row_pass2 block after block took 1.05-1.07x (309f9a0); bf16 and fp16, which
+// exp_block and row_pass2 block after block took 1.05-1.07x (a48191d); bf16 and fp16, which
 // joined the loop in 96c3496 (logits converted in registers instead of into the scratch row
 // first) and write plain stores since b8ca882: 0.71-0.74x and 0.46x now (fp32 0.87-0.89x).
 template <typename scalar_t>
