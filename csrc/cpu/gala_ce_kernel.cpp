@@ -158,6 +158,14 @@ acc_t block_max(const acc_t* x, const acc_t* bias, int64_t n) {
   return best;
 }
 
+// The software prefetch of the block sweeps: the logits kPrefetchAhead bytes ahead of `offset`
+// (bytes into the row; one line per vector, fp32: each line once). prefetch_from < 0: none.
+inline void prefetch_logits(const PrefetchStream& pf, int64_t prefetch_from, int64_t offset) {
+  if (prefetch_from < 0) return;
+  const char* p = pf.at(prefetch_from + kPrefetchAhead + offset);
+  if (p) __builtin_prefetch(p, 0, kPrefetchLocality);
+}
+
 // One sweep over a block of n columns: a = x + bias, e = exp(a - ref) (x may alias e), with the
 // sum of e and whether every a is finite. While it runs, prefetches the logits kPrefetchAhead
 // bytes ahead of the block (prefetch_from: the block's byte offset in the row; -1: no prefetch).
@@ -176,11 +184,7 @@ BlockSums<acc_t> exp_block(const acc_t* x, const acc_t* bias, int64_t n, acc_t r
                            const PrefetchStream& pf, int64_t prefetch_from) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t kVec = Vec::size();
-  auto prefetch = [&](int64_t j) {  // one line of logits per vector (fp32: each line once)
-    if (prefetch_from < 0) return;
-    const char* p = pf.at(prefetch_from + kPrefetchAhead + j * int64_t(sizeof(scalar_t)));
-    if (p) __builtin_prefetch(p, 0, kPrefetchLocality);
-  };
+  auto prefetch = [&](int64_t j) { prefetch_logits(pf, prefetch_from, j * int64_t(sizeof(scalar_t))); };
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     const __m512 vref = _mm512_set1_ps(ref), vzero = _mm512_setzero_ps();
@@ -380,10 +384,7 @@ BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, int6
   };
   // 16 columns: the new row's exp, and the old row's gradient (returned, not stored) and cls_neg.
   auto lane16 = [&](int64_t j) {
-    if (prefetch_from >= 0) {
-      const char* p = pf.at(prefetch_from + kPrefetchAhead + j * int64_t(sizeof(scalar_t)));
-      if (p) __builtin_prefetch(p, 0, kPrefetchLocality);
-    }
+    prefetch_logits(pf, prefetch_from, j * int64_t(sizeof(scalar_t)));
     __m512 a = Lanes::load(z + j);
     if (bias) a = _mm512_add_ps(a, _mm512_loadu_ps(bias + j));
     vfin = _mm512_fmadd_ps(a, vzero, vfin);
