@@ -200,7 +200,6 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
 
     stats = sync_step_statistics(state, stats)
     counts = stats.counts
-    nonfinite = counts[1]
     if counts.device.type == "cpu" and not torch.compiler.is_compiling():
         # N read on the host (free for a CPU tensor): one op fewer per scaled tensor. Same values:
         # a float32 tensor times a float64 scalar is computed in float32 either way.
@@ -214,6 +213,7 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
             return
     else:
         s = 1.0 / counts[0].clamp(min=1).to(torch.float64)  # stays on the device: no host sync
+        nonfinite = counts[1]
     groups = [(state.stat_vectors, list((stats.raw * s).float().unbind(0)), state.running_vectors)]
     if state.pairwise is not None and stats.raw_pairwise is not None:
         groups.append(([state.pairwise], [(stats.raw_pairwise * s).float()], [state.running_pairwise]))
