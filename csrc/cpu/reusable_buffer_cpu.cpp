@@ -10,6 +10,9 @@
 // for a request of exactly the same size (a training loop asks for the same gradient shape every
 // step). GALA_CPU_BUFFER_CACHE=0 in the environment turns the cache off;
 // release_cached_buffers() (gala_kernels.release_cpu_buffers()) empties it.
+// Each block is a page larger than the tensor, so that the tensor can start at the offset within
+// a 4 KB page that the caller asks for (the gradient's placement: see gradient_page_offset in
+// gala_ce_cpu.cpp); the tensor is a plain contiguous tensor at a storage offset in the block.
 #include "reusable_buffer_cpu.h"
 
 #include <ATen/EmptyTensor.h>
@@ -126,14 +129,34 @@ ReusingCpuAllocator& reusing_allocator() {
   return *allocator;
 }
 
-}  // namespace
-
-at::Tensor empty_reusable(at::IntArrayRef sizes, const at::TensorOptions& options) {
+size_t nbytes(at::IntArrayRef sizes, const at::TensorOptions& options) {
   size_t bytes = options.dtype().itemsize();
   for (const int64_t size : sizes) bytes *= static_cast<size_t>(size);
-  if (!cache_enabled() || bytes < kMinCachedBytes) return at::empty(sizes, options);
-  return at::detail::empty_generic(sizes, &reusing_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   options.dtype().toScalarType(), std::nullopt);
+  return bytes;
+}
+
+}  // namespace
+
+at::Tensor empty_reusable_at_page_offset(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                         int64_t page_offset) {
+  constexpr int64_t kPage = 4096;
+  const size_t bytes = nbytes(sizes, options);
+  const int64_t itemsize = static_cast<int64_t>(options.dtype().itemsize());
+  TORCH_CHECK(page_offset >= 0 && page_offset < kPage && page_offset % itemsize == 0,
+              "empty_reusable_at_page_offset: bad page offset");
+  if (bytes < kMinCachedBytes) return at::empty(sizes, options);
+  c10::Allocator* allocator = cache_enabled() ? &reusing_allocator() : c10::GetCPUAllocator();
+  at::Tensor block = at::detail::empty_generic({static_cast<int64_t>(bytes) / itemsize + kPage / itemsize},
+                                               allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                               options.dtype().toScalarType(), std::nullopt);
+  const int64_t address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(block.data_ptr()) % kPage);
+  const int64_t storage_offset = ((page_offset - address) % kPage + kPage) % kPage / itemsize;
+  // A plain contiguous tensor on the block's storage (not a view of `block`: nothing links them).
+  at::Tensor tensor = at::detail::make_tensor<c10::TensorImpl>(
+      c10::Storage(block.storage()), c10::DispatchKeySet(c10::DispatchKey::CPU), options.dtype());
+  tensor.unsafeGetTensorImpl()->set_storage_offset(storage_offset);
+  tensor.unsafeGetTensorImpl()->set_sizes_contiguous(sizes);
+  return tensor;
 }
 
 int64_t release_cached_buffers() { return block_cache().release_all(); }
