@@ -73,11 +73,34 @@ constexpr double kMaxAboveReference = 60.0;
 constexpr int64_t kPrefetchAhead = 16384;
 constexpr int kPrefetchLocality = 2;  // __builtin_prefetch: 3 = prefetcht0 (L1), 2 = prefetcht1 (L2)
 
+// n values of T from a 64-byte boundary (a cache line: 16 fp32 columns), zero-initialised. The
+// scratch rows and the cls_neg accumulators are column-aligned with class_bias (torch allocates
+// 64-byte aligned), so the block loops' vector loads and stores at multiples of 16 columns never
+// split a line; only the logits (any row stride) and the gradient rows (C * itemsize apart) are
+// not, and exp_block_with_pass2 realigns the fp32 gradient for its streaming stores.
+template <typename T>
+class CacheLineAlignedArray {
+ public:
+  explicit CacheLineAlignedArray(int64_t n) : storage_(n + kPad) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(storage_.data());
+    data_ = storage_.data() + ((64 - address % 64) % 64) / sizeof(T);
+  }
+  CacheLineAlignedArray(const CacheLineAlignedArray&) = delete;
+  CacheLineAlignedArray& operator=(const CacheLineAlignedArray&) = delete;
+  T* data() { return data_; }
+  const T* data() const { return data_; }
+
+ private:
+  static constexpr int64_t kPad = 64 / sizeof(T);
+  std::vector<T> storage_;
+  T* data_;
+};
+
 // One row in flight: its pass-1 results, kept until its pass 2 has run (see row_pass1).
 template <typename scalar_t>
 struct RowWorkspace {
   using acc_t = at::opmath_type<scalar_t>;
-  std::vector<acc_t> exp_row;      // (C,) exp(a - r_b) block by block (reduced dtypes: z first)
+  CacheLineAlignedArray<acc_t> exp_row;  // (C,) exp(a - r_b) block by block (reduced dtypes: z first)
   std::vector<acc_t> block_ref;    // (ceil(C / kBlock),) r_b, the reference of block b
   std::vector<acc_t> block_sum;    // (ceil(C / kBlock),) sum_{j in b, j != y} exp(a[j] - r_b)
   double m = 0, S = 0;             // S = sum_j exp(a[j] - m)
@@ -308,8 +331,8 @@ inline void grad_block_stream(const float* e, int64_t n, float s, float sw, floa
 #if defined(CPU_CAPABILITY_AVX512)
 // Loads and stores of 16 logits / gradient values as 16 fp32 lanes: fp32 itself, or bf16 / fp16
 // converted on the way (round to nearest even, as c10::BFloat16 and c10::Half do; the gradients
-// written here are finite). write() is how a full vector of the gradient goes out: fp32 by a
-// streaming store of its whole 64-byte line, bf16 / fp16 by a plain store. Measured (512 x 8,142
+// written here are finite). write() is how a full vector of a bf16 / fp16 gradient goes out: a
+// plain store (fp32 goes by RealignedGradStream's streaming stores). Measured (512 x 8,142
 // training step, versions side by side in one process, 2-core EPYC VM, 2026-11-27): bf16 plain
 // stores took 0.66-0.70x the time of 32-byte streaming stores, whole lines streamed two vectors
 // at a time 0.83x; fp16 0.67x and 0.84x (the reduced types are bound by the arithmetic, not by
@@ -322,7 +345,6 @@ struct Lanes16<float> {
   static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
   static __m512 load(__mmask16 mask, const float* p) { return _mm512_maskz_loadu_ps(mask, p); }
   static void store(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
-  static void write(float* p, __m512 v) { _mm512_stream_ps(p, v); }  // p 64-byte aligned
 };
 
 inline __m512 bf16_to_fp32(__m256i v) {
@@ -350,18 +372,70 @@ struct Lanes16<c10::BFloat16> : ReducedLanes16<c10::BFloat16, bf16_to_fp32, fp32
 template <>
 struct Lanes16<c10::Half> : ReducedLanes16<c10::Half, fp16_to_fp32, fp32_to_fp16> {};
 
+// The fp32 gradient of one block, handed over 16 columns at a time from the block's first column
+// (a multiple of 16), written with streaming stores of whole 64-byte lines. The gradient row
+// starts C * 4 bytes after the previous one, so its lines begin at column o of the block, not 0:
+// each line is the last 16 - o lanes of one vector and the first o of the next (vpermt2ps); the
+// o columns before the first line and those after the last one go out by masked plain stores
+// (a line shared with the neighbouring block or row is then written by plain stores only).
+class RealignedGradStream {
+ public:
+  explicit RealignedGradStream(float* g) : g_(g) {
+    const int64_t misaligned_columns = static_cast<int64_t>(reinterpret_cast<uintptr_t>(g) & 63) / 4;
+    o_ = (16 - misaligned_columns) & 15;
+    line_ = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(o_)),
+                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  }
+  // v: the gradient of columns j .. j + 15, j = 0, 16, 32, ... in order.
+  void put(int64_t j, __m512 v) {
+    if (o_ == 0) {
+      _mm512_stream_ps(g_ + j, v);
+      return;
+    }
+    if (j == 0) {
+      _mm512_mask_storeu_ps(g_, static_cast<__mmask16>((1u << o_) - 1), v);  // columns 0 .. o - 1
+    } else {  // the line of columns j - 16 + o .. j + o - 1
+      _mm512_stream_ps(g_ + j - 16 + o_, _mm512_permutex2var_ps(last_, line_, v));
+    }
+    last_ = v;
+  }
+  // After the last put (at column full - 16): its columns full - 16 + o .. full - 1.
+  void finish(int64_t full) {
+    if (o_ != 0 && full > 0) {
+      _mm512_mask_storeu_ps(g_ + full - 16, static_cast<__mmask16>(~((1u << o_) - 1)), last_);
+    }
+  }
+
+ private:
+  float* g_;
+  int64_t o_;
+  __m512i line_;
+  __m512 last_ = _mm512_setzero_ps();
+};
+
 // exp_block's AVX-512 fp32-math sweep of block b of one row and the pass 2 of block b of the
-// previous row (gradient by streaming stores, cls_neg sums), in one loop: vector j of the new
-// row's exp next to vector j of the old row's gradient, so that the streaming stores leave at an
-// even rate instead of as a burst of a whole block. The logits are read (and bf16 / fp16
-// converted) straight from z. The loop starts at the head that aligns the gradient stores (the
-// head and the tail run masked). The reference-too-low redo, rare, is exp_block alone.
-// Measured (512 x 8,142 training step, 2 threads, 2-core EPYC VM, 2026-11-27 15:33 UTC, versions
-// side by side in one process, a random order every round; bench/results/cpu/ab_cpu_commits.txt):
+// previous row (gradient, cls_neg sums), in one loop: vector j of the new row's exp next to
+// vector j of the old row's gradient, so that the gradient leaves at an even rate instead of as a
+// burst of a whole block. The logits are read (and bf16 / fp16 converted) straight from z. The
+// reference-too-low redo, rare, is exp_block alone.
+// Which columns the vectors start at:
+// - with statistics (cls != nullptr): columns 0, 16, 32, ... of the block, where class_bias, the
+//   scratch rows and cls_neg are line-aligned (CacheLineAlignedArray): only the logits loads and
+//   the gradient stores may split a line, and the fp32 gradient is realigned into whole lines
+//   for its streaming stores (RealignedGradStream);
+// - without (plain cross-entropy): the gradient's own line boundaries (the columns before the
+//   first one run masked), where its fp32 streaming stores need no realigning.
+// The tail runs masked. Measured (512 x 8,142, the op alone, 2 threads, 2-core EPYC VM,
+// 2026-11-27 16:47-16:57 UTC, builds side by side in one process, three runs): column-aligned
+// against gradient-aligned, with statistics 0.93-0.98x (fp32), 0.92-0.94x (bf16), 0.91x (fp16);
+// without them 1.07-1.20x (fp32), so that case keeps the gradient alignment. (One thread, hot
+// in L2, the kernel alone: 6.7-6.9 against 7.4-7.9 ns per 16 columns with statistics.)
+// Measured before (512 x 8,142 training step, 2 threads, 2026-11-27 15:33 UTC, versions side by
+// side in one process, a random order every round; bench/results/cpu/ab_cpu_commits.txt):
 // against commit 41d6f72, fp32 0.92-0.93x with this loop (6df8cf8) where the kernel with
 // exp_block and row_pass2 block after block took 1.05-1.07x (a48191d); bf16 and fp16, which
 // joined the loop in 96c3496 (logits converted in registers instead of into the scratch row
-// first) and write plain stores since b8ca882: 0.71-0.74x and 0.46x now (fp32 0.87-0.89x).
+// first) and write plain stores since b8ca882: 0.71-0.74x and 0.46x then (fp32 0.87-0.89x).
 template <typename scalar_t>
 BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, int64_t n, float ref, float* e,
                                       const PrefetchStream& pf, int64_t prefetch_from, const float* e_prev,
@@ -395,15 +469,30 @@ BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, int6
     if (cls) _mm512_storeu_ps(cls + j, _mm512_fmadd_ps(ep, vs, _mm512_loadu_ps(cls + j)));
     return _mm512_mul_ps(ep, vsw);
   };
-  auto masked_range = [&](int64_t from, int64_t to) {
-    for (int64_t j = from; j < to; j += 16) masked(j, std::min<int64_t>(16, to - j));
-  };
-  const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(g) & 63);
-  const int64_t head = std::min<int64_t>(n, ((64 - misaligned) & 63) / int64_t(sizeof(scalar_t)));
-  masked_range(0, head);  // up to the gradient's first 64-byte boundary (streaming stores need it)
-  int64_t j = head;
-  for (; j + 16 <= n; j += 16) Lanes::write(g + j, lane16(j));
-  masked_range(j, n);
+  int64_t j = 0;
+  if (cls != nullptr) {  // column-aligned
+    const int64_t full = n / 16 * 16;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      RealignedGradStream grad_out(g);
+      for (; j < full; j += 16) grad_out.put(j, lane16(j));
+      grad_out.finish(full);
+    } else {
+      for (; j < full; j += 16) Lanes::write(g + j, lane16(j));
+    }
+  } else {  // gradient-aligned
+    const int64_t misaligned = static_cast<int64_t>(reinterpret_cast<uintptr_t>(g) & 63);
+    const int64_t head = std::min<int64_t>(n, ((64 - misaligned) & 63) / int64_t(sizeof(scalar_t)));
+    for (; j < head; j += 16) masked(j, std::min<int64_t>(16, head - j));
+    j = head;
+    for (; j + 16 <= n; j += 16) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm512_stream_ps(g + j, lane16(j));  // g + j: 64-byte aligned
+      } else {
+        Lanes::write(g + j, lane16(j));
+      }
+    }
+  }
+  for (; j < n; j += 16) masked(j, std::min<int64_t>(16, n - j));
   const float sum = _mm512_reduce_add_ps(vsum);
   return {sum, !std::isnan(_mm512_reduce_add_ps(vfin)), !(sum <= kBlockSumLimit)};
 }
@@ -609,7 +698,10 @@ void gala_ce_forward_typed(const GalaCeParams& p) {
   // Rows are split into a fixed number of contiguous chunks (one per thread), so the
   // per-chunk cls_neg accumulators and their final sum are deterministic.
   const int64_t num_chunks = std::max<int64_t>(1, std::min<int64_t>(B, at::get_num_threads()));
-  std::vector<float> cls_neg_chunks(stats ? num_chunks * C : 0, 0.0f);
+  // One cls_neg accumulator per chunk, each starting on a cache line (cls_stride: C rounded up to
+  // 16 floats).
+  const int64_t cls_stride = (C + 15) / 16 * 16;
+  CacheLineAlignedArray<float> cls_neg_chunks(stats ? num_chunks * cls_stride : 0);
   std::vector<double> row_sum_other(B, 0.0), row_lse(B, 0.0);
   std::vector<uint8_t> row_used(B, 0), row_nonfinite(B, 0);
   const acc_t w = static_cast<acc_t>(p.row_weight);
@@ -622,7 +714,7 @@ void gala_ce_forward_typed(const GalaCeParams& p) {
     std::vector<acc_t> grad_block(std::is_same_v<scalar_t, acc_t> ? 0 : kBlock);
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t r0 = chunk * B / num_chunks, r1 = (chunk + 1) * B / num_chunks;
-      float* cls_neg_acc = stats ? cls_neg_chunks.data() + chunk * C : nullptr;
+      float* cls_neg_acc = stats ? cls_neg_chunks.data() + chunk * cls_stride : nullptr;
       for (int64_t i = r0; i < r1; ++i) {
         const scalar_t* z = logits + i * p.logits_row_stride;
         scalar_t* g = grad + i * C;
@@ -675,7 +767,7 @@ void gala_ce_forward_typed(const GalaCeParams& p) {
   }
   at::parallel_for(0, C, 4096, [&](int64_t j0, int64_t j1) {
     for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      const float* src = cls_neg_chunks.data() + chunk * C;
+      const float* src = cls_neg_chunks.data() + chunk * cls_stride;
       for (int64_t j = j0; j < j1; ++j) raw_cls_neg[j] += src[j];
     }
   });
