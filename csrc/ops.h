@@ -40,4 +40,14 @@ void check_fused_ce_args(const at::Tensor& logits, const at::Tensor& labels,
 void check_softmax_colsum_args(const at::Tensor& logits);
 void check_colsum_out(const at::Tensor& logits, const at::Tensor& out);
 
+namespace cpu {
+// The CPU implementations of fused_ce_fwd (cpu/gala_ce_cpu.cpp) and fold_stats_
+// (cpu/fold_stats_cpu.cpp), which fused_ce_step_cpu_ (cpu/gala_step_cpu.cpp) calls in turn.
+FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                const std::optional<at::Tensor>& class_bias, int64_t ignore_index,
+                                int64_t reduction, bool compute_stats, bool track_pairwise);
+void fold_stats_cpu(const at::Tensor& raw, double scale, at::TensorList targets, at::TensorList running,
+                    int64_t mode, at::Tensor& steps, at::Tensor& nonfinite_rows, int64_t nonfinite);
+}  // namespace cpu
+
 }  // namespace gala

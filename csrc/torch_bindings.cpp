@@ -34,6 +34,14 @@ TORCH_LIBRARY(gala, m) {
   // CPU only (cpu/fold_stats_cpu.cpp); the same bits as reference.fold_increments.
   m.def("fold_stats_(Tensor raw, float scale, Tensor(a!)[] targets, Tensor(b!)[] running, int mode, "
         "Tensor(c!) steps, Tensor(d!) nonfinite_rows, int nonfinite) -> ()");
+  // One eager CPU training step of a cumulative (mode 0) or sum (mode 1) GALAState without
+  // pairwise tracking, in one call: class_bias = lambda1 * log(stats[0] + eps) (the same aten ops
+  // as reference.class_bias), fused_ce_fwd with statistics, then fold_stats_ with
+  // scale = 1 / max(N, 1). stats: [pos_grad, neg_grad, cls_neg_grad]; running: the cumulative
+  // sums, or empty. Returns fused_ce_fwd's loss and grad. CPU only (cpu/gala_step_cpu.cpp).
+  m.def("fused_ce_step_cpu_(Tensor logits, Tensor labels, Tensor(a!)[] stats, Tensor(b!)[] running, "
+        "Tensor(c!) steps, Tensor(d!) nonfinite_rows, float lambda1, float eps, int ignore_index, "
+        "int reduction, int mode) -> (Tensor loss, Tensor grad)");
   // The CPU blocks kept for reuse (the fused op's freed gradients; cpu/reusable_buffer_cpu.cpp):
   // release them all (returns their bytes), or count them.
   m.def("release_cpu_buffers() -> int", &gala::cpu::release_cached_buffers);

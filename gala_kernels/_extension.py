@@ -41,7 +41,7 @@ def unavailable_reason() -> str:
     return _reason
 
 
-_KNOWN_OPS = ("fused_ce_fwd", "softmax_colsum", "softmax_colsum_add_", "fold_stats_")
+_KNOWN_OPS = ("fused_ce_fwd", "softmax_colsum", "softmax_colsum_add_", "fold_stats_", "fused_ce_step_cpu_")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 _kernels: dict = {}
 
@@ -57,7 +57,10 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     if not _kernels:
         for op in _KNOWN_OPS:
             for key in _DISPATCH_KEYS:
-                _kernels[(op, key)] = torch._C._dispatch_has_kernel_for_dispatch_key(f"gala::{op}", key)
+                try:
+                    _kernels[(op, key)] = torch._C._dispatch_has_kernel_for_dispatch_key(f"gala::{op}", key)
+                except RuntimeError:  # an extension built from older sources lacks this op
+                    _kernels[(op, key)] = False
     return _kernels.get((op_name, dispatch_key), False)
 
 

@@ -7,8 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import backends, reference
-from .ops import REDUCTION_CODES, call_fused_ce
+from . import _extension, backends, reference
+from .distributed import sync_group
+from .ops import REDUCTION_CODES, call_fused_ce, scale_saved_grad
 from .state import GALAState
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -110,6 +111,8 @@ def fused_gala_ce(
             ignore_index=ignore_index, update_state=update_state,
         )
     compute_stats = state is not None and update_state
+    if name == "cpu" and compute_stats and not inplace_backward and _one_call_cpu_step(logits, state):
+        return _cpu_step(logits, labels, state, lambda1, eps, ignore_index, REDUCTION_CODES[reduction])
     pairwise = compute_stats and state.pairwise is not None
     bias = None
     if state is not None:
@@ -123,6 +126,57 @@ def fused_gala_ce(
         stats = reference.StepStatistics(raw, raw_pairwise if pairwise else None, counts)
         reference.fold_increments(state, stats)
     return loss
+
+
+_CPU_STEP_MODES = {"cumulative": 0, "sum": 1}
+
+
+def _one_call_cpu_step(logits: torch.Tensor, state: GALAState) -> bool:
+    """Whether this CPU step can run as one call of ``gala::fused_ce_step_cpu_`` (class bias,
+    fused op and fold in C++, the same operations and bits): an eager step on a plain tensor, a
+    cumulative or sum state without pairwise tracking that is not synced over ranks.
+
+    Why: each call from Python costs far more right after a memory-heavy neighbour than in a tight
+    loop. Measured (512 x 8,142 fp32, 2-core EPYC VM, 2026-11-27, steps interleaved with
+    ``F.cross_entropy`` and a copy of the logits): the class bias took 129 us, the fold 148 us
+    and the argument checks 74 us of a 2.18 ms step, against 54, 88 and 14 us in a loop of its own.
+    """
+    return (state.pairwise is None and state.accumulation in _CPU_STEP_MODES and type(logits) is torch.Tensor
+            and not torch.compiler.is_compiling() and sync_group(state) is None
+            and _extension.has_kernel("fused_ce_step_cpu_", "CPU"))
+
+
+def _cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code):
+    running = state.running_vectors if state.accumulation == "cumulative" else []
+    return torch.ops.gala.fused_ce_step_cpu_(logits, labels, state.stat_vectors, running, state.steps,
+                                             state.nonfinite_rows, lambda1, eps, ignore_index, reduction_code,
+                                             _CPU_STEP_MODES[state.accumulation])
+
+
+class _EagerCpuStep(torch.autograd.Function):
+    """Autograd of the one-call CPU step: the same backward as the fused op's (the saved gradient,
+    scaled by ``grad_output`` when it is not 1)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, state, lambda1, eps, ignore_index, reduction_code):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, grad = _cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code)
+        ctx.reduction = reduction_code
+        ctx.save_for_backward(grad)
+        ctx.set_materialize_grads(False)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        grad_logits = None if grad_loss is None else scale_saved_grad(grad, grad_loss, ctx.reduction)
+        return (grad_logits,) + (None,) * 6
+
+
+def _cpu_step(logits, labels, state, lambda1, eps, ignore_index, reduction_code) -> torch.Tensor:
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _EagerCpuStep.apply(logits, labels, state, lambda1, eps, ignore_index, reduction_code)
+    return _cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code)[0]
 
 
 class GALALoss(nn.Module):

@@ -499,3 +499,56 @@ def test_the_cpp_fold_rejects_what_it_cannot_fold():
             torch.ops.gala.fold_stats_(**{**good, **change})
     assert torch.count_nonzero(torch.stack(state.stat_vectors)) == 0 and int(state.steps) == 0
 
+
+@requires_cpu_op
+@pytest.mark.parametrize("accumulation", ["cumulative", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_one_call_cpu_step_gives_the_bits_of_its_three_calls(accumulation, dtype, reduction, monkeypatch):
+    """An eager CPU step of a cumulative or sum state runs as one call (gala::fused_ce_step_cpu_:
+    class bias, fused op and fold in C++); it must give exactly the loss, gradient and state of
+    the three calls it replaces, ignored and non-finite rows included."""
+    from gala_kernels import loss as loss_module
+    from gala_kernels import reference
+    from gala_kernels.ops import REDUCTION_CODES
+
+    calls = []
+    one_call = loss_module._cpu_step_op
+    monkeypatch.setattr(loss_module, "_cpu_step_op", lambda *args: calls.append(1) or one_call(*args))
+    C = 1000
+    state = warmed_state(C, accumulation=accumulation)
+    three_call_state = copy.deepcopy(state)
+    for step in range(3):
+        logits, labels = make_inputs(37, C, dtype, ignore_every=5, seed=step)
+        logits[3, 17] = float("inf")  # a non-finite row: NaN loss and gradient, counted, no statistics
+        z = logits.clone().requires_grad_(True)
+        loss = gk.fused_gala_ce(z, labels, state, reduction=reduction, backend="cpu")
+        loss.sum().backward()
+
+        bias = reference.class_bias(three_call_state, 1.2, 1e-3, reference.compute_dtype(dtype))
+        expected_loss, expected_grad, raw, _, counts = torch.ops.gala.fused_ce_fwd(
+            logits, labels, bias, -100, REDUCTION_CODES[reduction], True, False)
+        reference.fold_increments(three_call_state, reference.StepStatistics(raw, None, counts))
+
+        exact = dict(rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(loss.detach(), expected_loss, **exact)
+        torch.testing.assert_close(z.grad, expected_grad, **exact)
+        mine = state.state_dict()
+        for name, value in three_call_state.state_dict().items():
+            torch.testing.assert_close(mine[name], value, **exact, msg=lambda m, n=name: f"{n}: {m}")
+    assert len(calls) == 3
+    with torch.no_grad():  # without autograd too
+        gk.fused_gala_ce(logits, labels, state, reduction=reduction, backend="cpu")
+    assert len(calls) == 4 and int(state.steps) == int(three_call_state.steps) + 1
+
+
+@requires_cpu_op
+def test_states_the_one_call_cpu_step_does_not_cover_take_the_three_calls(monkeypatch):
+    from gala_kernels import loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_cpu_step_op", lambda *args: pytest.fail("one-call step taken"))
+    logits, labels = make_inputs(8, 50, torch.float32)
+    for state in (gk.GALAState(50, accumulation="ema"), gk.GALAState(50, track_pairwise=True)):
+        gk.fused_gala_ce(logits.clone().requires_grad_(True), labels, state, backend="cpu").backward()
+        assert int(state.steps) == 1
+    gk.fused_gala_ce(logits, labels, gk.GALAState(50), update_state=False, backend="cpu")

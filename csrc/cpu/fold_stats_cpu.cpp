@@ -27,6 +27,8 @@ void check_vector(const at::Tensor& t, int64_t C, const char* what) {
                     shape_str(t.sizes()));
 }
 
+}  // namespace
+
 void fold_stats_cpu(const at::Tensor& raw, double scale, at::TensorList targets, at::TensorList running,
                     int64_t mode, at::Tensor& steps, at::Tensor& nonfinite_rows, int64_t nonfinite) {
   TORCH_CHECK_VALUE(mode == 0 || mode == 1, "fold_stats_: mode must be 0 (cumulative) or 1 (sum), got ",
@@ -64,7 +66,6 @@ void fold_stats_cpu(const at::Tensor& raw, double scale, at::TensorList targets,
   nonfinite_rows.data_ptr<int64_t>()[0] += nonfinite;
 }
 
-}  // namespace
 }  // namespace gala::cpu
 
 TORCH_LIBRARY_IMPL(gala, CPU, m) {

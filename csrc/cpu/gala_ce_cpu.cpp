@@ -64,6 +64,8 @@ int64_t gradient_page_offset(const at::Tensor& logits) {
   return static_cast<int64_t>((next_row + 4096 - 2048) % 4096) / itemsize * itemsize;
 }
 
+}  // namespace
+
 FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in,
                                 const std::optional<at::Tensor>& class_bias, int64_t ignore_index,
                                 int64_t reduction, bool compute_stats, bool track_pairwise) {
@@ -119,7 +121,6 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
   return {loss, grad, raw_stats, raw_pairwise, counts};
 }
 
-}  // namespace
 }  // namespace gala::cpu
 
 TORCH_LIBRARY_IMPL(gala, CPU, m) {
