@@ -114,6 +114,19 @@ def test_cifar100_lt_from_a_local_copy(train, tmp_path):
         train.load_cifar100_lt(str(tmp_path / "missing"), imbalance=10.0)
 
 
+def _aborted_at_exit_after_finishing(done: subprocess.CompletedProcess) -> bool:
+    """A known flake of the 2-rank gloo run, outside this package: after the whole run (its last
+    line, the test accuracy, printed), one rank's interpreter aborts during exit with "terminate
+    called without an active exception" (a std::thread destroyed while joinable; Python's
+    faulthandler shows no Python frame left). Measured on the 2-core VM (2026-11-27, torch
+    2.13.0): 1 run in 40 and 1 in 21; with a barrier and the DDP wrapper dropped before
+    destroy_process_group, still 1 in 12. Such a run is retried once; any other failure, or a
+    second abort, fails the test."""
+    output = done.stdout + done.stderr
+    return (done.returncode != 0 and "terminate called without an active exception" in output
+            and "test accuracy" in done.stdout)
+
+
 def test_torchrun_ddp_matches_a_single_process_on_the_global_batch(tmp_path):
     """2 gloo ranks with batch 8 each = one process with batch 16: same weights and GALA state."""
     common = SMALL + ["--steps", "4", "--loss", "fused-linear"]  # a later --batch-size overrides
@@ -124,11 +137,28 @@ def test_torchrun_ddp_matches_a_single_process_on_the_global_batch(tmp_path):
         "single": [sys.executable, str(EXAMPLE), *common, "--batch-size", "16"],
     }
     for name, command in runs.items():
-        done = subprocess.run(command + ["--checkpoint-dir", str(tmp_path / name)], env=env,
-                              capture_output=True, text=True, timeout=240)
+        for _attempt in range(2):
+            done = subprocess.run(command + ["--checkpoint-dir", str(tmp_path / name)], env=env,
+                                  capture_output=True, text=True, timeout=240)
+            if not (name == "ddp" and _aborted_at_exit_after_finishing(done)):
+                break
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     ddp, single = checkpoint_of(tmp_path / "ddp"), checkpoint_of(tmp_path / "single")
     for part in ("model", "gala_state"):
         for key, value in single[part].items():
             torch.testing.assert_close(ddp[part][key], value, atol=1e-6, rtol=1e-5,
                                        msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_the_torchrun_retry_covers_only_an_abort_at_exit_after_a_finished_run():
+    finished = "step 4/4 loss 3.4183 lr 0.02929\ntest accuracy overall 0.283\n"
+    abort = "terminate called without an active exception\n"
+
+    def run(returncode, stdout, stderr=""):
+        return subprocess.CompletedProcess([], returncode, stdout, stderr)
+
+    assert _aborted_at_exit_after_finishing(run(1, finished + abort))
+    assert _aborted_at_exit_after_finishing(run(1, finished, abort))
+    assert not _aborted_at_exit_after_finishing(run(0, finished + abort))  # nothing to retry
+    assert not _aborted_at_exit_after_finishing(run(1, "step 2/4 loss 3.5\n" + abort))  # died mid-run
+    assert not _aborted_at_exit_after_finishing(run(1, finished, "RuntimeError: ...\n"))  # another error
