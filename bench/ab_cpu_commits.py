@@ -4,9 +4,10 @@ Absolute times on a small shared VM move by up to 2x within minutes, so two benc
 builds cannot be compared. This script builds the C++ extension of each named commit with its op
 namespace renamed (``gala`` -> ``gala_<n>``), loads them all next to the working tree's build, and
 times the same training step (``fused_gala_ce(...).backward()`` on the working tree's Python
-code, only the op swapped) interleaved step by step with ``F.cross_entropy`` and a copy of the
-logits, in a new random order every round (a step runs slower right after a memory-heavy
-neighbour, so none may always follow the same one).
+code, only the ops swapped: ``fused_ce_fwd``, and the one-call CPU step where a build has it),
+interleaved step by step with ``F.cross_entropy`` and a copy of the logits, in a new random
+order every round (a step runs slower right after a memory-heavy neighbour, so none may always
+follow the same one).
 Ratios are the medians of per-round ratios against the first commit.
 
     python bench/ab_cpu_commits.py 41d6f72 HEAD~1 [--classes 8142 --batch 512 --dtype float32
@@ -80,15 +81,38 @@ def main() -> None:
 
     import gala_kernels
     from gala_kernels import GALAState, backends, fused_gala_ce, ops
+    from gala_kernels import loss as loss_module
 
-    ops_by_name = {}
+    ops_by_name, step_ops_by_name = {}, {}
     for index, commit in enumerate(args.commits):
         namespace = f"gala_{index}"
         torch.ops.load_library(str(build_commit(commit, namespace, Path(args.build_root))))
         ops.register_fused_ce(f"{namespace}::fused_ce_fwd")
         ops_by_name[commit] = getattr(torch.ops, namespace).fused_ce_fwd
+        # the one-call CPU step (c6ff7f6 on), or None for a build from before it
+        step_ops_by_name[commit] = getattr(getattr(torch.ops, namespace), "fused_ce_step_cpu_", None)
     working_tree = backends.fused_ce_op
     ops_by_name["working tree"] = working_tree("cpu")
+    step_ops_by_name["working tree"] = getattr(torch.ops.gala, "fused_ce_step_cpu_", None)
+    one_call_rule, one_call_op = loss_module._one_call_cpu_step, loss_module._cpu_step_op
+
+    def use_build(name):
+        """The working tree's fused_gala_ce, running this build's ops: its fused_ce_fwd, and its
+        one-call step where it has one (else the three calls, as that commit did)."""
+        backends.fused_ce_op = lambda _backend: ops_by_name[name]
+        step_op = step_ops_by_name[name]
+        if step_op is None:
+            loss_module._one_call_cpu_step = lambda *_: False
+            return
+        loss_module._one_call_cpu_step = one_call_rule
+
+        def cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code):
+            running = state.running_vectors if state.accumulation == "cumulative" else []
+            mode = loss_module._CPU_STEP_MODES[state.accumulation]
+            return step_op(logits, labels, state.stat_vectors, running, state.steps, state.nonfinite_rows,
+                           lambda1, eps, ignore_index, reduction_code, mode)
+
+        loss_module._cpu_step_op = cpu_step_op
 
     B, C, dtype = args.batch, args.classes, getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)
@@ -104,7 +128,7 @@ def main() -> None:
 
     def gala_step(name, state):
         def step():
-            backends.fused_ce_op = lambda _backend: ops_by_name[name]
+            use_build(name)
             z = next_logits()
             started = time.perf_counter()
             fused_gala_ce(z, labels, state, backend="cpu").backward()
@@ -147,6 +171,7 @@ def main() -> None:
             for name in names:
                 samples[name].append(steps[name]())
         backends.fused_ce_op = working_tree
+        loss_module._one_call_cpu_step, loss_module._cpu_step_op = one_call_rule, one_call_op
         cells = []
         for name, values in samples.items():
             median = statistics.median(values) * 1e3
