@@ -117,11 +117,14 @@ def test_cifar100_lt_from_a_local_copy(train, tmp_path):
 def _aborted_at_exit_after_finishing(done: subprocess.CompletedProcess) -> bool:
     """A known flake of the 2-rank gloo run, outside this package: after the whole run (its last
     line, the test accuracy, printed), one rank's interpreter aborts during exit with "terminate
-    called without an active exception" (a std::thread destroyed while joinable; Python's
-    faulthandler shows no Python frame left). Measured on the 2-core VM (2026-11-27, torch
-    2.13.0): 1 run in 40 and 1 in 21; with a barrier and the DDP wrapper dropped before
-    destroy_process_group, still 1 in 12. Such a run is retried once; any other failure, or a
-    second abort, fails the test."""
+    called without an active exception". A core dump (gdb, 2026-11-27) shows why: while the main
+    thread is in Py_FinalizeEx, a ProcessGroupGloo worker thread (runLoop) destroys a finished
+    AsyncBarrierWork; the saved at::ThreadLocalState of the work it holds releases a Python
+    object, whose decref takes the GIL from that thread; CPython ends a thread that takes the GIL
+    during finalization with pthread_exit, and the forced unwind through a noexcept destructor
+    calls std::terminate. Measured on the 2-core VM (torch 2.13.0): 1 run in 40, 1 in 21, 1 in
+    18; with a barrier and the DDP wrapper dropped before destroy_process_group, still 1 in 12.
+    Such a run is retried once; any other failure, or a second abort, fails the test."""
     output = done.stdout + done.stderr
     return (done.returncode != 0 and "terminate called without an active exception" in output
             and "test accuracy" in done.stdout)
