@@ -28,6 +28,7 @@ GALA state as an uninterrupted run). The data order and augmentation are functio
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import pickle
@@ -409,6 +410,8 @@ def main(argv=None) -> dict:
             summary = ", ".join(f"{k} {v:.3f}" for k, v in result["accuracy"].items())
             print(f"test accuracy {summary}", flush=True)
     if world > 1:
+        del train_model  # the DDP reducer holds the process group: free it first (it sits in cycles)
+        gc.collect()
         dist.destroy_process_group()
     return result
 
