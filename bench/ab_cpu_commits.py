@@ -20,6 +20,7 @@ Needs git, cmake, ninja and a compiler (as the main build); builds go to a tempo
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import os
 import random
@@ -105,14 +106,7 @@ def main() -> None:
             loss_module._one_call_cpu_step = lambda *_: False
             return
         loss_module._one_call_cpu_step = one_call_rule
-
-        def cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code):
-            running = state.running_vectors if state.accumulation == "cumulative" else []
-            mode = loss_module._CPU_STEP_MODES[state.accumulation]
-            return step_op(logits, labels, state.stat_vectors, running, state.steps, state.nonfinite_rows,
-                           lambda1, eps, ignore_index, reduction_code, mode)
-
-        loss_module._cpu_step_op = cpu_step_op
+        loss_module._cpu_step_op = functools.partial(one_call_op, op=step_op)
 
     B, C, dtype = args.batch, args.classes, getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(0)

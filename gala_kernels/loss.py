@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _extension, backends, reference
 from .distributed import sync_group
-from .ops import REDUCTION_CODES, call_fused_ce, scale_saved_grad
+from .ops import REDUCTION_CODES, backward_from_saved_grad, call_fused_ce, save_grad_for_backward
 from .state import GALAState
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -128,49 +128,43 @@ def fused_gala_ce(
     return loss
 
 
-_CPU_STEP_MODES = {"cumulative": 0, "sum": 1}
-
-
 def _one_call_cpu_step(logits: torch.Tensor, state: GALAState) -> bool:
     """Whether this CPU step can run as one call of ``gala::fused_ce_step_cpu_`` (class bias,
     fused op and fold in C++, the same operations and bits): an eager step on a plain tensor, a
-    cumulative or sum state without pairwise tracking that is not synced over ranks.
+    state whose fold the C++ code covers (cumulative or sum, no pairwise tracking) and that is not
+    synced over ranks.
 
     Why: each call from Python costs far more right after a memory-heavy neighbour than in a tight
     loop. Measured (512 x 8,142 fp32, 2-core EPYC VM, 2026-11-27, steps interleaved with
     ``F.cross_entropy`` and a copy of the logits): the class bias took 129 us, the fold 148 us
     and the argument checks 74 us of a 2.18 ms step, against 54, 88 and 14 us in a loop of its own.
     """
-    return (state.pairwise is None and state.accumulation in _CPU_STEP_MODES and type(logits) is torch.Tensor
+    return (reference.folds_in_cpp(state) and type(logits) is torch.Tensor
             and not torch.compiler.is_compiling() and sync_group(state) is None
             and _extension.has_kernel("fused_ce_step_cpu_", "CPU"))
 
 
-def _cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code):
-    running = state.running_vectors if state.accumulation == "cumulative" else []
-    return torch.ops.gala.fused_ce_step_cpu_(logits, labels, state.stat_vectors, running, state.steps,
-                                             state.nonfinite_rows, lambda1, eps, ignore_index, reduction_code,
-                                             _CPU_STEP_MODES[state.accumulation])
+def _cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code, op=None):
+    """``(loss, grad)`` of ``gala::fused_ce_step_cpu_`` (``op``: another build's, for benchmarks)."""
+    targets, running, mode = reference.cpp_fold_arguments(state)
+    op = torch.ops.gala.fused_ce_step_cpu_ if op is None else op
+    return op(logits, labels, targets, running, state.steps, state.nonfinite_rows, lambda1, eps, ignore_index,
+              reduction_code, mode)
 
 
 class _EagerCpuStep(torch.autograd.Function):
-    """Autograd of the one-call CPU step: the same backward as the fused op's (the saved gradient,
-    scaled by ``grad_output`` when it is not 1)."""
+    """Autograd of the one-call CPU step: the backward of every fused op (ops.py)."""
 
     @staticmethod
     def forward(ctx, logits, labels, state, lambda1, eps, ignore_index, reduction_code):
         with torch._C._AutoDispatchBelowAutograd():
             loss, grad = _cpu_step_op(logits, labels, state, lambda1, eps, ignore_index, reduction_code)
-        ctx.reduction = reduction_code
-        ctx.save_for_backward(grad)
-        ctx.set_materialize_grads(False)
+        save_grad_for_backward(ctx, grad, reduction_code, num_inputs=7)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        grad_logits = None if grad_loss is None else scale_saved_grad(grad, grad_loss, ctx.reduction)
-        return (grad_logits,) + (None,) * 6
+        return backward_from_saved_grad(ctx, grad_loss)
 
 
 def _cpu_step(logits, labels, state, lambda1, eps, ignore_index, reduction_code) -> torch.Tensor:

@@ -49,16 +49,23 @@ def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: i
     return grad * grad_output.to(grad.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[4]
-    ctx.num_inputs = len(inputs)
-    ctx.save_for_backward(output[1])
+def save_grad_for_backward(ctx, grad: torch.Tensor, reduction: int, num_inputs: int) -> None:
+    """What the backward of every fused op needs: the gradient its forward wrote, the reduction
+    code and how many inputs get a gradient slot (only the logits, the first, gets one)."""
+    ctx.reduction = reduction
+    ctx.num_inputs = num_inputs
+    ctx.save_for_backward(grad)
     # The other outputs (grad, statistics) are never differentiated: without this, autograd would
     # fill a B x C zero tensor for the unused `grad` output on every backward.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, *_grads_of_other_outputs):
+def _setup_context(ctx, inputs, output):
+    save_grad_for_backward(ctx, output[1], inputs[4], len(inputs))
+
+
+def backward_from_saved_grad(ctx, grad_loss, *_grads_of_other_outputs):
+    """The backward of every fused op: the saved gradient, scaled by ``grad_output`` when needed."""
     (grad,) = ctx.saved_tensors
     grad_logits = None if grad_loss is None else scale_saved_grad(grad, grad_loss, ctx.reduction)
     return (grad_logits,) + (None,) * (ctx.num_inputs - 1)  # nothing else is differentiable
@@ -67,7 +74,7 @@ def _backward(ctx, grad_loss, *_grads_of_other_outputs):
 def register_fused_ce(op) -> None:
     """Give a forward op with the fused_ce_fwd schema its fake implementation and autograd."""
     torch.library.register_fake(op)(fused_ce_fake)
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+    torch.library.register_autograd(op, backward_from_saved_grad, setup_context=_setup_context)
 
 
 class _EagerFusedCE(torch.autograd.Function):
@@ -78,7 +85,8 @@ class _EagerFusedCE(torch.autograd.Function):
     100 us for a 2-row call that takes 33 us without autograd, 2-core EPYC), a host cost that a
     short GPU step pays in full. This Function computes the same thing with the same pieces: the
     forward calls the op below the Autograd dispatch key (straight to its device kernel) and
-    :func:`_setup_context`, the backward is :func:`_backward` (plus no gradient for ``op``).
+    :func:`_setup_context`, the backward is :func:`backward_from_saved_grad` (plus no gradient for
+    ``op``).
     """
 
     @staticmethod
@@ -91,7 +99,7 @@ class _EagerFusedCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *grads_of_other_outputs):
-        return (None,) + _backward(ctx, grad_loss, *grads_of_other_outputs)
+        return (None,) + backward_from_saved_grad(ctx, grad_loss, *grads_of_other_outputs)
 
 
 def call_fused_ce(op, *inputs):

@@ -173,15 +173,26 @@ def reference_fused_ce(
 _CPP_FOLD_MODES = {"cumulative": 0, "sum": 1}
 
 
+def folds_in_cpp(state: GALAState) -> bool:
+    """Whether the C++ CPU fold (``gala::fold_stats_``, also inside ``gala::fused_ce_step_cpu_``)
+    covers this state: a cumulative or sum state without pairwise tracking."""
+    return state.accumulation in _CPP_FOLD_MODES and state.pairwise is None
+
+
+def cpp_fold_arguments(state: GALAState):
+    """``(targets, running, mode)`` of the C++ fold for a state that :func:`folds_in_cpp`."""
+    running = state.running_vectors if state.accumulation == "cumulative" else []
+    return state.stat_vectors, running, _CPP_FOLD_MODES[state.accumulation]
+
+
 def _fold_in_cpp(state: GALAState, stats: StepStatistics) -> bool:
-    """Whether the C++ CPU fold (``gala::fold_stats_``, the same bits) can take this step: an eager
-    CPU step with float32 raw statistics, no pairwise tracking, a cumulative or sum state."""
+    """Whether the C++ CPU fold (the same bits) can take this step: an eager CPU step with
+    float32 raw statistics of a state that :func:`folds_in_cpp`."""
     from . import _extension
 
     raw = stats.raw
-    return (state.accumulation in _CPP_FOLD_MODES and state.pairwise is None and type(raw) is torch.Tensor
-            and raw.dtype == torch.float32 and raw.dim() == 2 and raw.is_contiguous()
-            and _extension.has_kernel("fold_stats_", "CPU"))
+    return (folds_in_cpp(state) and type(raw) is torch.Tensor and raw.dtype == torch.float32
+            and raw.dim() == 2 and raw.is_contiguous() and _extension.has_kernel("fold_stats_", "CPU"))
 
 
 def fold_increments(state: GALAState, stats: StepStatistics) -> None:
@@ -206,10 +217,9 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
         n_rows, nonfinite = counts.tolist()
         s = 1.0 / max(n_rows, 1)
         if _fold_in_cpp(state, stats):  # the same float32 operations in one C++ pass
-            running = state.running_vectors if state.accumulation == "cumulative" else []
-            torch.ops.gala.fold_stats_(stats.raw, s, state.stat_vectors, running,
-                                       _CPP_FOLD_MODES[state.accumulation], state.steps, state.nonfinite_rows,
-                                       nonfinite)
+            targets, running, mode = cpp_fold_arguments(state)
+            torch.ops.gala.fold_stats_(stats.raw, s, targets, running, mode, state.steps,
+                                       state.nonfinite_rows, nonfinite)
             return
     else:
         s = 1.0 / counts[0].clamp(min=1).to(torch.float64)  # stays on the device: no host sync
