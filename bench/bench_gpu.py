@@ -141,7 +141,8 @@ def triton_op_step(inplace):
 
         def step():
             logits = rotation.next().detach()
-            triton_gala.fused_ce_forward(logits, labels, bias, -100, 1, True, False, inplace_backward=inplace)
+            triton_gala.fused_ce_forward(logits, labels, bias, None, -100, 1, 0.0, True, False,
+                                         inplace_backward=inplace)
 
         return step
 

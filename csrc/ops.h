@@ -33,7 +33,8 @@ inline std::string device_str(const at::Device& device) { return device.str(); }
 // Checks shared by every device implementation; a user error raises ValueError / RuntimeError
 // naming the argument, before anything is written.
 void check_fused_ce_args(const at::Tensor& logits, const at::Tensor& labels,
-                         const std::optional<at::Tensor>& class_bias, int64_t reduction);
+                         const std::optional<at::Tensor>& class_bias, const std::optional<at::Tensor>& weight,
+                         int64_t reduction, double label_smoothing);
 
 // The mass pass (softmax_colsum, softmax_colsum_add_): 2-D logits with C >= 1 of a float dtype;
 // `out` a contiguous (C,) float32 / float64 tensor on the logits' device.
@@ -44,8 +45,10 @@ namespace cpu {
 // The CPU implementations of fused_ce_fwd (cpu/gala_ce_cpu.cpp) and fold_stats_
 // (cpu/fold_stats_cpu.cpp), which fused_ce_step_cpu_ (cpu/gala_step_cpu.cpp) calls in turn.
 FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                                const std::optional<at::Tensor>& class_bias, int64_t ignore_index,
-                                int64_t reduction, bool compute_stats, bool track_pairwise);
+                                const std::optional<at::Tensor>& class_bias,
+                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                int64_t reduction, double label_smoothing, bool compute_stats,
+                                bool track_pairwise);
 void fold_stats_cpu(const at::Tensor& raw, double scale, at::TensorList targets, at::TensorList running,
                     int64_t mode, at::Tensor& steps, at::Tensor& nonfinite_rows, int64_t nonfinite);
 }  // namespace cpu

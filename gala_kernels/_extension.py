@@ -41,7 +41,8 @@ def unavailable_reason() -> str:
     return _reason
 
 
-_KNOWN_OPS = ("fused_ce_fwd", "softmax_colsum", "softmax_colsum_add_", "fold_stats_", "fused_ce_step_cpu_")
+_KNOWN_OPS = ("fused_ce_fwd", "softmax_colsum", "softmax_colsum_add_", "fold_stats_", "fused_ce_step_cpu_",
+              "fused_ce_step_", "fold_step_", "scale_grad_")
 _DISPATCH_KEYS = ("CPU", "CUDA")
 _kernels: dict = {}
 

@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from . import distributed, reference
+from . import distributed, folding, reference
 from .ops import REDUCTION_CODES
 from .state import GALAState
 
@@ -234,7 +234,7 @@ def class_parallel_gala_ce(
     config = _Config(int(class_start), reduction, int(ignore_index), compute_stats, group)
     loss, raw, counts = _ClassParallelGALAFunction.apply(logits_shard, labels, class_bias, config)
     if compute_stats:
-        reference.fold_increments(state_shard, reference.StepStatistics(raw, None, counts))
+        folding.fold_step(state_shard, reference.StepStatistics(raw, None, counts))
     return loss
 
 

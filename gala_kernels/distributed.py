@@ -38,17 +38,16 @@ size, which would hang or corrupt).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
 
-from .reference import ACCUMULATIONS, StepStatistics
+from .reference import StepStatistics
+from .state import ACCUMULATIONS, SYNC_MODES, GALAState
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .state import GALAState
-
-SYNC_MODES = ("auto", None)
+__all__ = ["SYNC_MODES", "configure_sync", "sync_group", "check_consistency", "begin_sync",
+           "sync_step_statistics", "sync_step_scratch", "PendingStatistics"]
 _CHECKED_ATTR = "_gala_sync_checked_groups"
 
 
@@ -59,13 +58,7 @@ def configure_sync(state: GALAState, sync: Optional[str] = "auto", process_group
     ``torch.distributed`` is initialised and the group has more than one rank; ``sync=None``
     keeps them local (e.g. a class-parallel slice of the state, or per-rank statistics on purpose).
     """
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
-    if sync is None and process_group is not None:
-        raise ValueError("process_group is given but sync=None: the statistics would not be synced")
-    state.sync = sync
-    state.process_group = process_group
-    return state
+    return state.set_sync(sync, process_group)
 
 
 def sync_group(state: GALAState):
@@ -154,15 +147,34 @@ def begin_sync(stats: StepStatistics, group=None) -> PendingStatistics:
 def sync_step_statistics(state: GALAState, stats: StepStatistics) -> StepStatistics:
     """The statistics to fold into ``state``: summed over ranks when ``state`` syncs, else ``stats``.
 
-    The hook for :func:`gala_kernels.reference.fold_increments` (called by every backend). The
+    Called by :func:`gala_kernels.folding.fold_step` before every fold of a host-side step. The
     first synced call per state and group also runs :func:`check_consistency`. Synchronous: the
     result is complete when this returns.
     """
     group = sync_group(state)
     if group is None:
         return stats
+    _check_once(state, group)
+    return begin_sync(stats, group).wait()
+
+
+def sync_step_scratch(state: GALAState) -> None:
+    """Sum a device step's sums in ``state.step_scratch`` (and ``raw_pairwise_scratch``) over the
+    ranks, in place, when ``state`` syncs: the raw sums and the step's three counts
+    (gala_kernels/state.py), ``3C + 3`` floats. No host synchronisation (after the first call's
+    :func:`check_consistency`)."""
+    group = sync_group(state)
+    if group is None:
+        return
+    _check_once(state, group)
+    dist.all_reduce(state.step_scratch[: 3 * state.num_classes + 3], op=dist.ReduceOp.SUM, group=group)
+    if state.raw_pairwise_scratch is not None:
+        dist.all_reduce(state.raw_pairwise_scratch, op=dist.ReduceOp.SUM, group=group)
+
+
+def _check_once(state: GALAState, group) -> None:
+    """:func:`check_consistency` on the first synced call per state and group."""
     checked = state.__dict__.setdefault(_CHECKED_ATTR, set())
     if id(group) not in checked:
         check_consistency(state, group)
         checked.add(id(group))
-    return begin_sync(stats, group).wait()

@@ -42,8 +42,8 @@ from typing import Optional
 
 import torch
 
-from . import backends, reference
-from .loss import check_label_range, check_labels_state_reduction
+from . import backends, folding, label_errors, reference
+from .loss import check_label_smoothing, check_labels_state_reduction, prepare_weight
 from .ops import REDUCTION_CODES
 from .state import GALAState
 
@@ -78,22 +78,26 @@ class _Config:
     track_pairwise: bool
     chunk_rows: int
     grad_enabled: bool  # autograd records this call (ctx.needs_input_grad ignores no_grad mode)
+    label_smoothing: float = 0.0
 
 
-def _chunk_forward(config: _Config, logits, labels, class_bias, row_shift, *, compute_stats, reduction):
+def _chunk_forward(config: _Config, logits, labels, class_bias, row_shift, weight, *, compute_stats,
+                   reduction):
     """One chunk through the backend: ``(loss, dlogits, raw (3,C) or None, raw_pairwise, counts)``."""
     pairwise = compute_stats and config.track_pairwise
     if config.backend == "torch":
         loss, grad, stats = reference.forward_and_grad(
             logits, labels, class_bias, row_shift, reduction=reduction, ignore_index=config.ignore_index,
-            compute_stats=compute_stats, track_pairwise=pairwise,
+            compute_stats=compute_stats, track_pairwise=pairwise, weight=weight,
+            label_smoothing=config.label_smoothing,
         )
         if stats is None:
             return loss, grad, None, None, None
         return loss, grad, stats.raw, stats.raw_pairwise, stats.counts
     op = backends.fused_ce_op(config.backend)
     loss, grad, raw, raw_pairwise, counts = op(
-        logits, labels, class_bias, config.ignore_index, REDUCTION_CODES[reduction], compute_stats, pairwise
+        logits, labels, class_bias, weight, config.ignore_index, REDUCTION_CODES[reduction],
+        config.label_smoothing, compute_stats, pairwise
     )
     if not compute_stats:
         return loss, grad, None, None, None
@@ -130,7 +134,7 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, class_bias, row_shift, config: _Config):
+    def forward(ctx, x, weight, bias, labels, class_bias, row_shift, class_weight, config: _Config):
         B, C = x.shape[0], weight.shape[0]
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         keep_grads = config.grad_enabled and config.reduction != "none" and (need_x or need_w or need_b)
@@ -152,7 +156,7 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
             x_c = x[start:stop]
             logits_c = _chunk_logits(x_c, weight, bias)
             loss_c, dlogits_c, raw_c, pair_c, counts_c = _chunk_forward(
-                config, logits_c, labels[start:stop], class_bias, row_shift,
+                config, logits_c, labels[start:stop], class_bias, row_shift, class_weight,
                 compute_stats=config.compute_stats, reduction=chunk_reduction,
             )
             del logits_c
@@ -183,16 +187,18 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
         else:
             total = torch.stack(losses).to(acc).sum() if losses else x.new_zeros((), dtype=acc)
             loss = total
-            if config.reduction == "mean":  # w_i = 1/N, whole batch (N = 0 -> NaN, as F.cross_entropy)
-                n_valid = valid.sum()
-                loss = total / n_valid
-                inv_n = 1.0 / n_valid.clamp(min=1).to(acc)
+            if config.reduction == "mean":  # r_i = 1/W, whole batch (W = 0 -> NaN, as F.cross_entropy)
+                total_weight = _total_weight(labels, valid, class_weight, acc)
+                loss = total / total_weight
+                # 1/W; W = 0 with rows to weight gives NaN gradients (as torch), with none 0
+                no_rows = torch.zeros((), dtype=acc, device=x.device).where(~valid.any(), float("nan"))
+                inv_w = torch.where(total_weight > 0, 1.0 / total_weight, no_rows)
                 for g in (grad_x, grad_w, grad_b):
                     if g is not None:
-                        g.mul_(inv_n.to(g.dtype))
+                        g.mul_(inv_w.to(g.dtype))
 
         if config.reduction == "none":
-            ctx.save_for_backward(x, weight, bias, labels, class_bias, row_shift)
+            ctx.save_for_backward(x, weight, bias, labels, class_bias, row_shift, class_weight)
         else:
             ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.config = config
@@ -224,12 +230,20 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
         grad_x = None if grad_x is None else grad_x.to(x_dtype)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _total_weight(labels, valid, class_weight, dtype) -> torch.Tensor:
+    """``W``: the number of non-ignored rows, or the sum of their class weights (on the device)."""
+    if class_weight is None:
+        return valid.sum().to(dtype)
+    label_weight = class_weight[torch.where(valid, labels, torch.zeros_like(labels))]
+    return torch.where(valid, label_weight, torch.zeros_like(label_weight)).sum().to(dtype)
 
 
 def _recompute_grads_for_none(ctx, grad_loss):
     """Reduction "none": dlogits_c = (p - onehot) * grad_output_i, recomputed chunk by chunk."""
-    x, weight, bias, labels, class_bias, row_shift = ctx.saved_tensors
+    x, weight, bias, labels, class_bias, row_shift, class_weight = ctx.saved_tensors
     config = ctx.config
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     acc = _grad_dtype(x.dtype)
@@ -242,8 +256,8 @@ def _recompute_grads_for_none(ctx, grad_loss):
             x_c = x[start:stop]
             logits_c = _chunk_logits(x_c, weight, bias)
             _, dlogits_c, *_ = _chunk_forward(
-                config, logits_c, labels[start:stop], class_bias, row_shift, compute_stats=False,
-                reduction="none",
+                config, logits_c, labels[start:stop], class_bias, row_shift, class_weight,
+                compute_stats=False, reduction="none",
             )
             del logits_c
             dlogits_c = dlogits_c * grad_loss[start:stop].unsqueeze(1).to(dlogits_c.dtype)
@@ -295,6 +309,8 @@ def fused_linear_gala_ce(
     update_state: bool = True,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """``fused_gala_ce(x @ weight.T + bias, labels, state, ...)`` without the ``(B, C)`` logits.
 
@@ -304,15 +320,18 @@ def fused_linear_gala_ce(
     the gradients of ``x``, ``weight`` and ``bias`` and the state after the call equal those of the
     unchunked ``fused_gala_ce`` (up to the summation order of the chunks).
 
-    The other arguments mean what they mean in ``fused_gala_ce``; ``state=None`` gives plain
-    cross-entropy (evaluation semantics). ``lambda2`` is constant along a row and changes neither
+    The other arguments mean what they mean in ``fused_gala_ce`` (``class_weight`` is its
+    ``weight``: here ``weight`` is the classifier's); ``state=None`` gives plain cross-entropy
+    (evaluation semantics). ``lambda2`` is constant along a row and changes neither
     the loss nor a gradient (softmax is shift-invariant); the fused kernels skip it.
     """
     _check_inputs(x, weight, labels, state, bias, reduction, chunk_size)
+    check_label_smoothing(label_smoothing)
     C = weight.shape[0]
+    class_weight = prepare_weight(class_weight, C, x.device, reference.compute_dtype(x.dtype), source="x")
     name = backends.resolve(backend, x, shape=(x.shape[0], C))  # decided by the logits' shape
     if name != "cpu":  # the C++ CPU op checks the labels itself, with the same message
-        check_label_range(labels, C, ignore_index)
+        label_errors.check_now(labels, C, ignore_index)
     compute_stats = state is not None and update_state
     class_bias = row_shift = None
     if state is not None:
@@ -323,12 +342,12 @@ def fused_linear_gala_ce(
     config = _Config(
         backend=name, reduction=reduction, ignore_index=int(ignore_index), compute_stats=compute_stats,
         track_pairwise=compute_stats and state.pairwise is not None, chunk_rows=chunk_rows,
-        grad_enabled=torch.is_grad_enabled(),
+        grad_enabled=torch.is_grad_enabled(), label_smoothing=float(label_smoothing),
     )
     loss, raw, raw_pairwise, counts = _FusedLinearGALAFunction.apply(
-        x, weight, bias, labels, class_bias, row_shift, config
+        x, weight, bias, labels, class_bias, row_shift, class_weight, config
     )
     if compute_stats:
         stats = reference.StepStatistics(raw, raw_pairwise if config.track_pairwise else None, counts)
-        reference.fold_increments(state, stats)
+        folding.fold_step(state, stats)
     return loss

@@ -2,8 +2,8 @@
 
 Every backend's forward op has the schema of ``gala::fused_ce_fwd`` (csrc/torch_bindings.cpp)::
 
-    (logits, labels, class_bias?, ignore_index, reduction, compute_stats, track_pairwise)
-        -> (loss, grad, raw_stats, raw_pairwise, counts)
+    (logits, labels, class_bias?, weight?, ignore_index, reduction, label_smoothing, compute_stats,
+     track_pairwise) -> (loss, grad, raw_stats, raw_pairwise, counts)
 
 The gradient is computed in the forward; backward only scales it by ``grad_output`` and skips
 even that, in eager mode, when ``grad_output`` is 1.
@@ -17,10 +17,11 @@ from . import _extension
 
 REDUCTION_CODES = {"none": 0, "mean": 1, "sum": 2}
 _NONE = REDUCTION_CODES["none"]
+REDUCTION_ARG = 5  # position of `reduction` among the fused op's inputs
 
 
-def fused_ce_fake(logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise,
-                  *extra_inputs):
+def fused_ce_fake(logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
+                  track_pairwise, *extra_inputs):
     """Shapes and dtypes of the fused forward's outputs (used by torch.compile / FakeTensor)."""
     torch._check(logits.dim() == 2, lambda: "logits must be 2-D")
     torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0], lambda: "labels must be (B,)")
@@ -61,7 +62,7 @@ def save_grad_for_backward(ctx, grad: torch.Tensor, reduction: int, num_inputs: 
 
 
 def _setup_context(ctx, inputs, output):
-    save_grad_for_backward(ctx, output[1], inputs[4], len(inputs))
+    save_grad_for_backward(ctx, output[1], inputs[REDUCTION_ARG], len(inputs))
 
 
 def backward_from_saved_grad(ctx, grad_loss, *_grads_of_other_outputs):

@@ -1,38 +1,47 @@
 """Pure-PyTorch reference of the GALA loss: the oracle every backend is tested against.
 
-Readable and vectorised, valid in float64, and also the ``"torch"`` backend. Every formula
-below is the one in ``shared/SPEC.md``; the names follow it:
+Readable, vectorised, valid in float64, and made of plain torch operations only (no compiled
+code, no custom op): the fast paths (gala_kernels.loss, gala_kernels.backends) call into it, never
+the other way round. The formulas are those of docs/contract.md; the names follow it:
 
     a[i, j]  = z[i, j] + lambda1 * log(pos_grad[j] + eps) - lambda2 * log(neg_grad[y_i] + eps)
     p[i, :]  = softmax(a[i, :])
-    loss_i   = logsumexp(a[i, :]) - a[i, y_i]                 (0 for ignored rows)
-    dz[i, j] = (p[i, j] - [j == y_i]) * w_i * grad_output      (w_i = 1/N "mean", 1 otherwise)
+    nll_i    = logsumexp(a[i, :]) - a[i, y_i]
 
-Statistics (training only), raw sums over the valid, finite rows ``V'``; the per-step
-increments are ``d = s * raw`` with ``s = 1/N`` (N = number of non-ignored rows):
+Loss and gradient, with torch's ``weight`` (per class, ``wt``; all ones by default) and
+``label_smoothing`` (``ls``) semantics, for a non-ignored row i:
+
+    loss_i   = (1 - ls) * wt[y_i] * nll_i + (ls / C) * sum_j wt[j] * (logsumexp(a[i, :]) - a[i, j])
+    dz[i, j] = r_i * ( ((1 - ls) * wt[y_i] + (ls / C) * sum_k wt[k]) * p[i, j]
+                       - (1 - ls) * wt[y_i] * [j == y_i] - (ls / C) * wt[j] ) * grad_output
+
+with ``r_i = 1/W`` for "mean" (``W = sum_{i not ignored} wt[y_i]``, NaN when ``W = 0`` as in
+torch), 1 for "sum" and "none"; ignored rows give 0.
+
+Statistics (training only) do not depend on ``weight`` or ``label_smoothing``: raw sums over the
+valid, finite rows ``V'``, and per-step increments ``d = s * raw`` with ``s = 1/N`` (N = number
+of non-ignored rows):
 
     raw_pos[k]    = sum_{i in V', y_i = k} (1 - p[i, k])
     raw_neg[k]    = sum_{i in V', y_i = k} sum_{j != k} p[i, j]
     raw_clsneg[j] = sum_{i in V', y_i != j} p[i, j]
     raw_pair[j,k] = sum_{i in V', y_i = k} |p[i, j] - [j == k]|
 
-The fused backends return the same raw sums; :func:`fold_increments` is the one place where they
-enter the state, for every backend.
+The fused backends return (or fold themselves) the same raw sums; :func:`fold_increments` is the
+pure fold they are tested against.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Optional
 
 import torch
-
-from .ops import REDUCTION_CODES, register_fused_ce
 
 if TYPE_CHECKING:  # pragma: no cover
     from .state import GALAState
 
-ACCUMULATIONS = ("cumulative", "sum", "ema")
+REDUCTIONS = ("none", "mean", "sum")
 
 
 @dataclass
@@ -60,15 +69,6 @@ def class_bias(state: GALAState, lambda1: float, eps: float, dtype=torch.float32
     return state.pos_grad.to(dtype).add(eps).log_().mul_(lambda1)  # one allocation
 
 
-def _row_weights(valid: torch.Tensor, reduction: str, dtype: torch.dtype) -> torch.Tensor:
-    """``w_i``: ``1/N`` for "mean", 1 for "sum" and "none", 0 for ignored rows."""
-    w = valid.to(dtype)
-    if reduction == "mean":
-        w = w / valid.sum()  # N = 0: every weight is 0/0 -> masked below
-        w = torch.where(valid, w, torch.zeros_like(w))
-    return w
-
-
 def forward_and_grad(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -79,12 +79,14 @@ def forward_and_grad(
     ignore_index: int,
     compute_stats: bool,
     track_pairwise: bool,
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
 ):
     """The whole GALA computation, without autograd: loss, gradient and raw statistics.
 
     Returns ``(loss, grad, stats)`` where ``loss`` follows ``reduction`` (in the compute dtype),
     ``grad`` is ``dloss/dlogits`` for ``grad_output = 1`` (in the logits dtype) and ``stats`` is
-    a :class:`StepStatistics` or ``None``.
+    a :class:`StepStatistics` or ``None``. Labels must be in ``[0, C)`` or ``ignore_index``.
     """
     cdt = compute_dtype(logits.dtype)
     B, C = logits.shape
@@ -100,21 +102,40 @@ def forward_and_grad(
     if row_shift is not None:
         a = a - row_shift.to(cdt)[y].unsqueeze(1)
 
+    class_weight = torch.ones(C, dtype=cdt, device=logits.device) if weight is None else weight.to(cdt)
+    label_weight = class_weight[y]  # wt[y_i]
+    ls = float(label_smoothing)
+
     lse = torch.logsumexp(a, dim=1)
     a_y = a.gather(1, y.unsqueeze(1)).squeeze(1)
+    loss_rows = (1.0 - ls) * label_weight * (lse - a_y)  # (1 - ls) * wt[y_i] * nll_i
+    if ls > 0.0:  # + (ls / C) * sum_j wt[j] * (lse_i - a[i, j])
+        loss_rows = loss_rows + (ls / C) * ((lse.unsqueeze(1) - a) * class_weight).sum(dim=1)
     nan = torch.full_like(lse, float("nan"))
-    loss_rows = torch.where(finite, lse - a_y, nan)  # rows with a non-finite logit: NaN
+    loss_rows = torch.where(finite, loss_rows, nan)  # rows with a non-finite logit: NaN
     loss_rows = torch.where(valid, loss_rows, torch.zeros_like(loss_rows))
 
     p = torch.exp(a - lse.unsqueeze(1))
     onehot = torch.nn.functional.one_hot(y, C).to(cdt)
-    w = _row_weights(valid, reduction, cdt)
-    grad = (p - onehot) * w.unsqueeze(1)
+    # r_i = 1/W for "mean" (W = sum of wt[y_i] over the non-ignored rows; NaN when W = 0, as
+    # torch), 1 for "sum" and "none", 0 for ignored rows
+    total_weight = torch.where(valid, label_weight, torch.zeros_like(label_weight)).sum()
+    r = valid.to(cdt)
+    if reduction == "mean":
+        r = torch.where(valid, 1.0 / total_weight, torch.zeros_like(r))
+        r = torch.where(valid & (total_weight == 0), torch.full_like(r, float("nan")), r)
+    target_coef = (1.0 - ls) * label_weight  # (1 - ls) * wt[y_i]
+    prob_coef = target_coef + (ls / C) * class_weight.sum()  # ... + (ls / C) * sum_k wt[k]
+    grad = prob_coef.unsqueeze(1) * p - target_coef.unsqueeze(1) * onehot
+    if ls > 0.0:
+        grad = grad - (ls / C) * class_weight
+    grad = grad * r.unsqueeze(1)
     grad = torch.where((valid & ~finite).unsqueeze(1), torch.full_like(grad, float("nan")), grad)
+    grad = torch.where(valid.unsqueeze(1), grad, torch.zeros_like(grad))
 
     n_valid = valid.sum()
-    if reduction == "mean":
-        loss = loss_rows.sum() / n_valid  # N = 0 gives NaN, as F.cross_entropy does
+    if reduction == "mean":  # W = 0 (N = 0, or every label of weight 0) gives NaN, as torch
+        loss = loss_rows.sum() / total_weight
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:
@@ -142,61 +163,27 @@ def forward_and_grad(
     return loss, grad.to(logits.dtype), stats
 
 
-_REDUCTION_NAMES = {code: name for name, code in REDUCTION_CODES.items()}
+class _ReferenceGALA(torch.autograd.Function):
+    """Autograd around :func:`forward_and_grad`: the gradient is made in the forward, the backward
+    scales it by ``grad_output`` (per row for reduction "none"). Outputs ``(loss, stats)``, the
+    second a :class:`StepStatistics` or None (not differentiable)."""
 
+    @staticmethod
+    def forward(ctx, logits, labels, bias, row_shift, options):
+        loss, grad, stats = forward_and_grad(logits, labels, bias, row_shift, **options)
+        ctx.save_for_backward(grad)
+        ctx.per_row = options["reduction"] == "none"
+        return loss.to(logits.dtype), stats
 
-@torch.library.custom_op("gala_ref::fused_ce_fwd", mutates_args=())
-def reference_fused_ce(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    class_bias: Optional[torch.Tensor],
-    ignore_index: int,
-    reduction: int,
-    compute_stats: bool,
-    track_pairwise: bool,
-    row_shift: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`forward_and_grad` as a custom op with the fused ops' schema (plus ``row_shift``,
-    the lambda2 term the kernels skip), so the reference goes through the same autograd and
-    torch.compile path as every other backend. Empty tensors stand for skipped statistics."""
-    loss, grad, stats = forward_and_grad(
-        logits, labels, class_bias, row_shift, reduction=_REDUCTION_NAMES[reduction],
-        ignore_index=ignore_index, compute_stats=compute_stats, track_pairwise=track_pairwise,
-    )
-    empty = lambda: torch.empty(0, dtype=torch.float32, device=logits.device)  # noqa: E731
-    raw = stats.raw.float() if stats is not None else empty()
-    raw_pairwise = stats.raw_pairwise.float() if stats is not None and track_pairwise else empty()
-    counts = stats.counts if stats is not None else torch.zeros(2, dtype=torch.int64, device=logits.device)
-    return loss.to(logits.dtype), grad, raw, raw_pairwise, counts
-
-
-_CPP_FOLD_MODES = {"cumulative": 0, "sum": 1}
-
-
-def folds_in_cpp(state: GALAState) -> bool:
-    """Whether the C++ CPU fold (``gala::fold_stats_``, also inside ``gala::fused_ce_step_cpu_``)
-    covers this state: a cumulative or sum state without pairwise tracking."""
-    return state.accumulation in _CPP_FOLD_MODES and state.pairwise is None
-
-
-def cpp_fold_arguments(state: GALAState):
-    """``(targets, running, mode)`` of the C++ fold for a state that :func:`folds_in_cpp`."""
-    running = state.running_vectors if state.accumulation == "cumulative" else []
-    return state.stat_vectors, running, _CPP_FOLD_MODES[state.accumulation]
-
-
-def _fold_in_cpp(state: GALAState, stats: StepStatistics) -> bool:
-    """Whether the C++ CPU fold (the same bits) can take this step: an eager CPU step with
-    float32 raw statistics of a state that :func:`folds_in_cpp`."""
-    from . import _extension
-
-    raw = stats.raw
-    return (folds_in_cpp(state) and type(raw) is torch.Tensor and raw.dtype == torch.float32
-            and raw.dim() == 2 and raw.is_contiguous() and _extension.has_kernel("fold_stats_", "CPU"))
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_of_stats):
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(1) if ctx.per_row else grad_loss
+        return grad * scale.to(grad.dtype), None, None, None, None
 
 
 def fold_increments(state: GALAState, stats: StepStatistics) -> None:
-    """Fold one step's raw statistics into ``state`` (SPEC.md, "Folding the increments").
+    """Fold one step's raw statistics into ``state`` (docs/contract.md, "Folding").
 
     ``d = s * raw`` with ``s = 1/N``; then, by ``state.accumulation``:
 
@@ -204,31 +191,16 @@ def fold_increments(state: GALAState, stats: StepStatistics) -> None:
     - ``"sum"``:        ``state += d``
     - ``"ema"``:        ``state = beta * state + (1 - beta) * d``
 
-    Under ``torch.distributed`` (``state.sync``), the raw sums and counts are first summed over
-    ranks, so ``N`` is the global batch. Everything stays on the device: no host synchronisation.
+    ``stats`` are this process's own (summing them over ranks is the caller's business:
+    gala_kernels.folding). Everything stays on the device: no host synchronisation.
     """
-    from .distributed import sync_step_statistics  # distributed imports this module
-
-    stats = sync_step_statistics(state, stats)
     counts = stats.counts
-    if counts.device.type == "cpu" and not torch.compiler.is_compiling():
-        # N read on the host (free for a CPU tensor): one op fewer per scaled tensor. Same values:
-        # a float32 tensor times a float64 scalar is computed in float32 either way.
-        n_rows, nonfinite = counts.tolist()
-        s = 1.0 / max(n_rows, 1)
-        if _fold_in_cpp(state, stats):  # the same float32 operations in one C++ pass
-            targets, running, mode = cpp_fold_arguments(state)
-            torch.ops.gala.fold_stats_(stats.raw, s, targets, running, mode, state.steps,
-                                       state.nonfinite_rows, nonfinite)
-            return
-    else:
-        s = 1.0 / counts[0].clamp(min=1).to(torch.float64)  # stays on the device: no host sync
-        nonfinite = counts[1]
+    s = 1.0 / counts[0].clamp(min=1).to(torch.float64)
+    nonfinite = counts[1]
     groups = [(state.stat_vectors, list((stats.raw * s).float().unbind(0)), state.running_vectors)]
     if state.pairwise is not None and stats.raw_pairwise is not None:
         groups.append(([state.pairwise], [(stats.raw_pairwise * s).float()], [state.running_pairwise]))
     with torch.no_grad():
-        # torch._foreach_*: one fused launch per line for the three vectors on a GPU
         for targets, increments, running in groups:
             if state.accumulation == "cumulative":
                 torch._foreach_add_(running, increments)
@@ -254,35 +226,37 @@ def gala_ce(
     ignore_index: int = -100,
     update_state: bool = True,
     backend: str = "torch",
+    weight: Optional[torch.Tensor] = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """The reference GALA cross-entropy; same signature and semantics as ``fused_gala_ce``.
+    """The reference GALA cross-entropy, in one process; the semantics of ``fused_gala_ce``.
 
     ``state=None`` gives plain cross-entropy (evaluation semantics). With a state, the margins
     use the state as it was before the call, and the step's statistics are folded in afterwards
-    when ``update_state`` is true.
+    when ``update_state`` is true (this process's statistics only: no sum over ranks).
+    Labels must be in ``[0, C)`` or ``ignore_index`` (not checked here).
 
     The ``lambda2`` term ``- lambda2 * log(neg_grad[y_i] + eps)`` is constant along a row, so it
     changes neither the loss nor any gradient (softmax is shift-invariant). That is a property of
     the authors' formulation; the reference computes it anyway, for parity, and the fused
-    kernels skip it.
+    kernels skip it. ``weight`` and ``label_smoothing`` change the loss and its gradient exactly
+    as in ``torch.nn.functional.cross_entropy``, never the statistics.
     """
     del backend  # the reference is the "torch" backend
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     bias = row_shift = None
     if state is not None:
         bias = class_bias(state, lambda1, eps, compute_dtype(logits.dtype))
         row_shift = lambda2 * torch.log(state.neg_grad.to(bias.dtype) + eps)
     compute_stats = state is not None and update_state
-    pairwise = compute_stats and state.pairwise is not None
-    loss, _grad, raw, raw_pairwise, counts = reference_fused_ce(
-        logits, labels, bias, ignore_index, REDUCTION_CODES[reduction], compute_stats, pairwise, row_shift
-    )
+    options = dict(reduction=reduction, ignore_index=ignore_index, compute_stats=compute_stats,
+                   track_pairwise=compute_stats and state.pairwise is not None, weight=weight,
+                   label_smoothing=label_smoothing)
+    loss, stats = _ReferenceGALA.apply(logits, labels, bias, row_shift, options)
     if compute_stats:
-        stats = StepStatistics(raw, raw_pairwise if pairwise else None, counts)
         fold_increments(state, stats)
     return loss
-
-
-register_fused_ce(reference_fused_ce)
 
 
 def eager_gala_loss(
@@ -299,7 +273,7 @@ def eager_gala_loss(
 
     The same loss, gradient and state as :func:`gala_ce` (mean reduction) for finite logits; it
     is the "eager GALA" baseline of the benchmarks and what they hand to ``torch.compile``
-    (every op here is visible to the compiler, unlike the custom op of :func:`gala_ce`).
+    (standard torch ops only, which the compiler can fuse).
     """
     cdt = compute_dtype(logits.dtype)
     C = logits.shape[1]

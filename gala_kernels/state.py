@@ -7,8 +7,17 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .distributed import configure_sync
-from .reference import ACCUMULATIONS
+from . import label_errors
+
+ACCUMULATIONS = ("cumulative", "sum", "ema")
+SYNC_MODES = ("auto", None)
+
+# Slots after the 3 * C raw sums of GALAState.step_scratch (float32; counts exact up to 2^24 rows).
+# A GPU training step (gala_kernels/backends/step.py) accumulates into it and leaves it zeroed
+# after its fold; the first three slots are summed over ranks with the raw sums.
+SCRATCH_ROWS, SCRATCH_NONFINITE, SCRATCH_BAD_LABELS = 0, 1, 2  # of the step (all its calls), for the fold
+SCRATCH_LOSS, SCRATCH_TICKET, SCRATCH_CALL_ROWS, SCRATCH_CALL_WEIGHT, SCRATCH_FOLD_TICKET = 3, 4, 5, 6, 7
+SCRATCH_SLOTS = 8
 
 
 class GALAState(nn.Module):
@@ -55,7 +64,7 @@ class GALAState(nn.Module):
         self.track_pairwise = bool(track_pairwise)
         # "auto": when torch.distributed is initialised, sum each step's increments over ranks
         # (over process_group, default the world) before the fold; None: never
-        configure_sync(self, sync, process_group)
+        self.set_sync(sync, process_group)
 
         def zeros(*shape, dtype=torch.float32):
             return torch.zeros(*shape, dtype=dtype, device=device)
@@ -72,6 +81,37 @@ class GALAState(nn.Module):
         self.register_buffer("running_pairwise", zeros(C, C) if cumulative and track_pairwise else None)
         self.register_buffer("steps", zeros((), dtype=torch.int64))
         self.register_buffer("nonfinite_rows", zeros((), dtype=torch.int64))
+        # Working memory of a GPU training step, not part of the state (not saved): the step's raw
+        # sums and counts (zero between steps), the raw pairwise sums, and the record of the first
+        # out-of-range label a step met (gala_kernels/label_errors.py).
+        self.register_buffer("step_scratch", zeros(3 * C + SCRATCH_SLOTS), persistent=False)
+        self.register_buffer("raw_pairwise_scratch", zeros(C, C) if track_pairwise else None,
+                             persistent=False)
+        self.register_buffer("label_error", zeros(label_errors.SLOTS, dtype=torch.int64), persistent=False)
+
+    def set_sync(self, sync: Optional[str] = "auto", process_group=None) -> GALAState:
+        """How the per-step statistics are summed over ranks: ``"auto"`` over ``process_group``
+        (default: the world) whenever ``torch.distributed`` is initialised with more than one rank,
+        ``None`` never. Returns ``self``."""
+        if sync not in SYNC_MODES:
+            raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
+        if sync is None and process_group is not None:
+            raise ValueError("process_group is given but sync=None: the statistics would not be synced")
+        self.sync = sync
+        self.process_group = process_group
+        return self
+
+    def check_errors(self) -> None:
+        """Raise the ``ValueError`` of an out-of-range label that a CUDA training step met.
+
+        On CUDA tensors a step does not stop the host to look at its labels: a step that meets a
+        label outside ``[0, C)`` (and not ``ignore_index``) returns a NaN loss, gives the bad rows
+        zero gradient and leaves the state untouched, and records the first bad row on the device.
+        The next call that uses this state raises the error once the record's copy to the host has
+        landed; this method waits for the steps queued so far and raises it now. A no-op when no
+        error is pending, and on CPU (where a bad label raises at once).
+        """
+        label_errors.raise_pending(self, wait=True)
 
     @property
     def stat_vectors(self) -> List[torch.Tensor]:
@@ -84,9 +124,10 @@ class GALAState(nn.Module):
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Zero every statistic and counter."""
+        """Zero every statistic and counter (and forget a pending label error)."""
         for buffer in self.buffers():
             buffer.zero_()
+        label_errors.forget(self)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         for name in ("pos_grad", "neg_grad", "cls_neg_grad"):

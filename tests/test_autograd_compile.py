@@ -40,7 +40,7 @@ def test_eager_autograd_matches_the_registered_one(reduction):
     results = []
     for call in (ops.call_fused_ce, lambda f, *a: f(*a)):
         z = logits.clone().requires_grad_(True)
-        outputs = call(op, z, labels, bias, -100, reduction, True, False)
+        outputs = call(op, z, labels, bias, None, -100, reduction, 0.0, True, False)
         outputs[0].backward(grad_out)
         results.append((outputs, z.grad))
     (eager_out, eager_grad), (registered_out, registered_grad) = results
@@ -49,8 +49,8 @@ def test_eager_autograd_matches_the_registered_one(reduction):
     assert torch.equal(eager_grad, registered_grad)
     assert not any(t.requires_grad for t in eager_out[1:])  # grad, statistics: not differentiable
     with torch.no_grad():
-        assert not ops.call_fused_ce(op, logits.clone().requires_grad_(True), labels, bias, -100, reduction,
-                                     True, False)[0].requires_grad
+        assert not ops.call_fused_ce(op, logits.clone().requires_grad_(True), labels, bias, None, -100,
+                                     reduction, 0.0, True, False)[0].requires_grad
 
 
 @pytest.mark.skipif(not HAS_CPU_OP, reason="gala_kernels._C not built")
@@ -63,7 +63,8 @@ def test_opcheck(dtype, compute_stats, pairwise, reduction):
     bias = torch.randn(37, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     logits.requires_grad_(True)
     for class_bias in (bias, None):
-        torch.library.opcheck(op, (logits, labels, class_bias, -100, reduction, compute_stats, pairwise))
+        torch.library.opcheck(op, (logits, labels, class_bias, None, -100, reduction, 0.0, compute_stats,
+                                   pairwise))
 
 
 class TinyClassifier(torch.nn.Module):

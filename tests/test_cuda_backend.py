@@ -66,7 +66,7 @@ def check_against_truth(logits, labels, state, *, grad_output=None, **kwargs):
 
 def op_outputs(logits, labels, bias=None, *, reduction=1, stats=True, pairwise=False, ignore_index=-100):
     op = ops.native_fused_ce()
-    return op(logits, labels, bias, ignore_index, reduction, stats, pairwise)
+    return op(logits, labels, bias, None, ignore_index, reduction, 0.0, stats, pairwise)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +251,7 @@ def test_unchecked_bad_labels_are_never_used_as_an_index(cuda):
         "import torch, gala_kernels\n"
         "from gala_kernels import ops\n"
         "z = torch.randn(4, 300, device='cuda'); y = torch.tensor([1, 300, -3, 2], device='cuda')\n"
-        "loss, grad, raw, _, counts = ops.native_fused_ce()(z, y, None, -100, 0, True, False)\n"
+        "loss, grad, raw, _, counts = ops.native_fused_ce()(z, y, None, None, -100, 0, 0.0, True, False)\n"
         "assert torch.isnan(loss[[1, 2]]).all() and torch.isfinite(loss[[0, 3]]).all(), loss\n"
         "assert torch.isnan(grad[[1, 2]]).all() and torch.isfinite(grad[[0, 3]]).all()\n"
         "assert torch.isfinite(raw).all() and counts.tolist() == [4, 0], counts\n"
@@ -297,7 +297,8 @@ def test_opcheck(cuda, dtype, compute_stats, pairwise, reduction):
     bias = torch.randn(37, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=cuda)
     logits.requires_grad_(True)
     for class_bias in (bias, None):
-        torch.library.opcheck(op, (logits, labels, class_bias, -100, reduction, compute_stats, pairwise))
+        torch.library.opcheck(op, (logits, labels, class_bias, None, -100, reduction, 0.0, compute_stats,
+                                   pairwise))
 
 
 @gpu_test

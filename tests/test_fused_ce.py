@@ -448,10 +448,11 @@ def test_the_gradient_cache_can_be_turned_off():
 @requires_cpu_op
 @pytest.mark.parametrize("accumulation", ["cumulative", "sum", "ema"])
 @pytest.mark.parametrize("track_pairwise", [False, True])
-def test_the_cpp_fold_gives_the_python_folds_bits(accumulation, track_pairwise):
+def test_the_cpp_fold_gives_the_pure_folds_bits(accumulation, track_pairwise):
     """Eager CPU steps fold their statistics with ``gala::fold_stats_`` (cumulative and sum, no
-    pairwise tracking) and otherwise in Python; both must leave the very same state."""
-    from gala_kernels import reference
+    pairwise tracking; gala_kernels.folding) and otherwise with the pure reference fold; both must
+    leave the very same state as the reference fold."""
+    from gala_kernels import folding, reference
 
     C = 1030
     cpp_state = gk.GALAState(C, accumulation=accumulation, track_pairwise=track_pairwise)
@@ -460,15 +461,13 @@ def test_the_cpp_fold_gives_the_python_folds_bits(accumulation, track_pairwise):
         logits, labels = make_inputs(33, C, torch.float32, ignore_every=6, seed=step)
         logits[4, 9] = float("inf")
         bias = reference.class_bias(cpp_state, 1.2, 1e-3)
-        _, _, raw, raw_pairwise, counts = torch.ops.gala.fused_ce_fwd(logits, labels, bias, -100, 1, True,
-                                                                      track_pairwise)
+        _, _, raw, raw_pairwise, counts = torch.ops.gala.fused_ce_fwd(logits, labels, bias, None, -100, 1,
+                                                                      0.0, True, track_pairwise)
         stats = reference.StepStatistics(raw, raw_pairwise if track_pairwise else None, counts)
         expected_cpp = accumulation != "ema" and not track_pairwise
-        assert reference._fold_in_cpp(cpp_state, stats) == expected_cpp
-        reference.fold_increments(cpp_state, stats)
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(reference, "_fold_in_cpp", lambda *args: False)
-            reference.fold_increments(python_state, stats)
+        assert folding.cpp_fold_applies(cpp_state, stats) == expected_cpp
+        folding.fold_step(cpp_state, stats)
+        reference.fold_increments(python_state, stats)
     for (name, got), (_, want) in zip(cpp_state.state_dict().items(), python_state.state_dict().items()):
         assert torch.equal(got, want), name
     assert int(cpp_state.steps) == 3 and int(cpp_state.nonfinite_rows) == 3
@@ -515,7 +514,7 @@ def test_the_one_call_cpu_step_gives_the_bits_of_its_three_calls(accumulation, d
 
         bias = reference.class_bias(three_call_state, 1.2, 1e-3, reference.compute_dtype(dtype))
         expected_loss, expected_grad, raw, _, counts = torch.ops.gala.fused_ce_fwd(
-            logits, labels, bias, -100, REDUCTION_CODES[reduction], True, False)
+            logits, labels, bias, None, -100, REDUCTION_CODES[reduction], 0.0, True, False)
         reference.fold_increments(three_call_state, reference.StepStatistics(raw, None, counts))
 
         exact = dict(rtol=0, atol=0, equal_nan=True)

@@ -253,8 +253,8 @@ def test_row_strided_logits(device):
     logits = wide[:, 4:21]
     labels = torch.where(labels == -100, labels, labels % 17)
     assert logits.stride(0) == 30
-    out = triton_gala.fused_ce_forward(logits, labels, None, -100, 2, True, False)
-    truth = triton_gala.fused_ce_forward(logits.contiguous(), labels, None, -100, 2, True, False)
+    out = triton_gala.fused_ce_forward(logits, labels, None, None, -100, 2, 0.0, True, False)
+    truth = triton_gala.fused_ce_forward(logits.contiguous(), labels, None, None, -100, 2, 0.0, True, False)
     assert torch.isfinite(out[0])
     for got, expected in zip(out, truth):
         torch.testing.assert_close(got, expected)
@@ -267,7 +267,7 @@ def test_out_of_range_labels_are_never_read(device):
     labels[1] = 6
     labels[2] = -3
     loss, grad, raw, _pairwise, counts = triton_gala.fused_ce_forward(
-        logits, labels, None, -100, 0, True, False
+        logits, labels, None, None, -100, 0, 0.0, True, False
     )
     assert torch.isnan(loss[[1, 2]]).all() and torch.isfinite(loss[[0, 3]]).all()
     assert torch.isnan(grad[[1, 2]]).all() and torch.isfinite(raw).all()
@@ -281,9 +281,10 @@ def test_out_of_range_labels_are_never_read(device):
 def test_inplace_backward_launcher(device, dtype):
     logits, labels = make_inputs(6, 25, dtype, device, ignore_every=4)
     bias = torch.randn(25, device=device)
-    expected = triton_gala.fused_ce_forward(logits, labels, bias, -100, 1, True, False)
+    expected = triton_gala.fused_ce_forward(logits, labels, bias, None, -100, 1, 0.0, True, False)
     buffer = logits.clone()
-    got = triton_gala.fused_ce_forward(buffer, labels, bias, -100, 1, True, False, inplace_backward=True)
+    got = triton_gala.fused_ce_forward(buffer, labels, bias, None, -100, 1, 0.0, True, False,
+                                       inplace_backward=True)
     assert got[1].data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(buffer, expected[1])
     for got_part, expected_part in zip(got, expected):
@@ -297,7 +298,7 @@ def test_inplace_autograd_function(device):
     weight = torch.randn(12, 12, dtype=torch.float32, device=device, requires_grad=True)
     x = logits.clone()
     loss, raw, _pairwise, counts = triton_gala.fused_ce_inplace(
-        x @ weight, labels, None, -100, 1, True, False
+        x @ weight, labels, None, None, -100, 1, 0.0, True, False
     )
     loss.backward()
     weight_ref = weight.detach().clone().requires_grad_(True)
@@ -334,7 +335,7 @@ def test_opcheck(device):
     logits, labels = make_inputs(4, 10, torch.float32, device, ignore_every=3)
     bias = torch.randn(10, device=device)
     torch.library.opcheck(
-        triton_gala.fused_ce_op(), (logits, labels, bias, -100, 1, True, True),
+        triton_gala.fused_ce_op(), (logits, labels, bias, None, -100, 1, 0.0, True, True),
         test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
     )
 
@@ -386,7 +387,7 @@ def test_a_million_classes(device):
     logits = torch.randn(2, C, generator=g).to(device)
     labels = torch.tensor([5, C - 1], device=device)
     loss, _grad, raw, _pairwise, counts = triton_gala.fused_ce_forward(
-        logits, labels, None, -100, 2, True, False
+        logits, labels, None, None, -100, 2, 0.0, True, False
     )
     expected = F.cross_entropy(logits.double(), labels, reduction="sum")
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
@@ -485,10 +486,10 @@ def test_cuda_autotune_opt_in(monkeypatch):
     """GALA_TRITON_AUTOTUNE=1 picks a config by timing; the results must not depend on it."""
     logits, labels = make_inputs(64, 3000, torch.bfloat16, "cuda", ignore_every=5)
     bias = torch.randn(3000, device="cuda")
-    expected = triton_gala.fused_ce_forward(logits, labels, bias, -100, 1, True, False)
+    expected = triton_gala.fused_ce_forward(logits, labels, bias, None, -100, 1, 0.0, True, False)
     monkeypatch.setenv("GALA_TRITON_AUTOTUNE", "1")
     monkeypatch.setattr(triton_gala, "_tuned", {})
-    got = triton_gala.fused_ce_forward(logits, labels, bias, -100, 1, True, False)
+    got = triton_gala.fused_ce_forward(logits, labels, bias, None, -100, 1, 0.0, True, False)
     assert len(triton_gala._tuned) == 1
     for got_part, expected_part in zip(got, expected):
         torch.testing.assert_close(got_part, expected_part, atol=1e-5, rtol=1e-4)
@@ -506,7 +507,7 @@ def test_cuda_int64_offsets():
     logits = torch.randn(B, C, device="cuda", dtype=torch.bfloat16, generator=g)
     labels = torch.randint(0, C, (B,), device="cuda", generator=g)
     loss, grad, raw, _pairwise, counts = triton_gala.fused_ce_forward(
-        logits, labels, None, -100, 0, True, False
+        logits, labels, None, None, -100, 0, 0.0, True, False
     )
     tail = slice(B - 3, B)
     t_loss, t_grad, _ = reference.forward_and_grad(

@@ -67,9 +67,13 @@ int64_t gradient_page_offset(const at::Tensor& logits) {
 }  // namespace
 
 FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in,
-                                const std::optional<at::Tensor>& class_bias, int64_t ignore_index,
-                                int64_t reduction, bool compute_stats, bool track_pairwise) {
-  check_fused_ce_args(logits_in, labels_in, class_bias, reduction);
+                                const std::optional<at::Tensor>& class_bias,
+                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                int64_t reduction, double label_smoothing, bool compute_stats,
+                                bool track_pairwise) {
+  check_fused_ce_args(logits_in, labels_in, class_bias, weight, reduction, label_smoothing);
+  TORCH_CHECK(!weight.has_value() && label_smoothing == 0.0,
+              "fused_ce_fwd (CPU): weight and label_smoothing are not implemented yet");
   // Rows may be strided; columns must be unit-stride for the vector loads.
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();

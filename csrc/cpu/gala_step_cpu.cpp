@@ -23,10 +23,11 @@ namespace gala::cpu {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> fused_ce_step_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                                                     const std::optional<at::Tensor>& weight,
                                                      at::TensorList stats, at::TensorList running,
                                                      at::Tensor& steps, at::Tensor& nonfinite_rows, double lambda1,
                                                      double eps, int64_t ignore_index, int64_t reduction,
-                                                     int64_t mode) {
+                                                     double label_smoothing, int64_t mode) {
   TORCH_CHECK_VALUE(stats.size() == 3, "fused_ce_step_cpu_: expected 3 state vectors, got ", num_str(stats.size()));
   TORCH_CHECK_VALUE(stats[0].device().is_cpu() && stats[0].dim() == 1 && stats[0].size(0) == logits.size(-1),
                     "fused_ce_step_cpu_: the state's pos_grad must be a (C,) CPU tensor, got ",
@@ -34,8 +35,8 @@ std::tuple<at::Tensor, at::Tensor> fused_ce_step_cpu(const at::Tensor& logits, c
   const auto math_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor class_bias = stats[0].to(math_dtype).add(eps).log_().mul_(lambda1);
   auto [loss, grad, raw, raw_pairwise, counts] =
-      fused_ce_fwd_cpu(logits, labels, class_bias, ignore_index, reduction, /*compute_stats=*/true,
-                       /*track_pairwise=*/false);
+      fused_ce_fwd_cpu(logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing,
+                       /*compute_stats=*/true, /*track_pairwise=*/false);
   const int64_t* n = counts.data_ptr<int64_t>();  // [N, non-finite rows]
   fold_stats_cpu(raw, 1.0 / static_cast<double>(std::max<int64_t>(n[0], 1)), stats, running, mode, steps,
                  nonfinite_rows, n[1]);

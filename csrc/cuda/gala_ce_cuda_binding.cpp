@@ -52,9 +52,13 @@ void raise_on_bad_label(const at::Tensor& workspace, int64_t C, int64_t ignore_i
 }
 
 FusedCeOutputs fused_ce_fwd_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in,
-                                 const std::optional<at::Tensor>& class_bias, int64_t ignore_index,
-                                 int64_t reduction, bool compute_stats, bool track_pairwise) {
-  check_fused_ce_args(logits_in, labels_in, class_bias, reduction);
+                                 const std::optional<at::Tensor>& class_bias,
+                                 const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                 int64_t reduction, double label_smoothing, bool compute_stats,
+                                 bool track_pairwise) {
+  check_fused_ce_args(logits_in, labels_in, class_bias, weight, reduction, label_smoothing);
+  TORCH_CHECK(!weight.has_value() && label_smoothing == 0.0,
+              "fused_ce_fwd (CUDA): weight and label_smoothing are not implemented yet");
   TORCH_CHECK_VALUE(logits_in.is_cuda(), "logits must be a CUDA tensor, got one on ",
                     device_str(logits_in.device()));
   const c10::cuda::CUDAGuard device_guard(logits_in.device());

@@ -5,7 +5,9 @@ tensors under ``TRITON_INTERPRET=1``), ``"cuda"`` (CUDA C++ op). ``"auto"`` pick
 one built for the tensor's device: ``cpu`` for CPU tensors (else ``torch``); on CUDA tensors the
 rule in :func:`auto_cuda_backend`.
 
-Each backend except ``torch`` is a custom op with the schema of ``gala::fused_ce_fwd``.
+Every backend is a custom op with the schema of ``gala::fused_ce_fwd`` (``torch``: the reference
+wrapped by :mod:`.reference_op`). The GPU backends (``triton``, ``cuda``) also have the training
+step ops of :mod:`.step` (no host synchronisation, the fold on the device).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable, Optional, Tuple
 import torch
 
 from .. import _extension, ops
-from . import cuda_rule
+from . import cuda_rule, reference_op
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
@@ -137,7 +139,9 @@ def resolve(backend: str, logits: torch.Tensor, family: OpFamily = FUSED_CE,
 
 
 def fused_ce_op(name: str) -> Callable:
-    """The forward op of a fused backend (not ``"torch"``)."""
+    """The forward op of backend ``name``."""
+    if name == "torch":
+        return reference_op.reference_fused_ce
     if name in ("cpu", "cuda"):
         op: Optional[Callable] = ops.native_fused_ce()
     elif name == "triton":

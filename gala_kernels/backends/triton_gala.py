@@ -561,8 +561,10 @@ def fused_ce_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
     class_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
     ignore_index: int = -100,
     reduction: int = REDUCTION_MEAN,
+    label_smoothing: float = 0.0,
     compute_stats: bool = False,
     track_pairwise: bool = False,
     *,
@@ -577,6 +579,7 @@ def fused_ce_forward(
     synchronisation happens here.
     """
     _check_args(logits, labels, class_bias, reduction)
+    torch._check(weight is None and label_smoothing == 0.0, lambda: "weight / label_smoothing: not yet")
     if inplace_backward and logits.stride(1) != 1:
         raise ValueError("inplace_backward=True needs logits with unit column stride")
     if logits.dtype == torch.float64 and logits.device.type == "cuda":
@@ -606,13 +609,16 @@ def _register_fused_ce_op():
         logits: torch.Tensor,
         labels: torch.Tensor,
         class_bias: Optional[torch.Tensor],
+        weight: Optional[torch.Tensor],
         ignore_index: int,
         reduction: int,
+        label_smoothing: float,
         compute_stats: bool,
         track_pairwise: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         loss, grad, raw_stats, raw_pairwise, counts = fused_ce_forward(
-            logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise,
+            logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
+            track_pairwise,
         )
         # the op returns fresh tensors: raw_stats may be a view of the scratch buffer, which is fine
         return loss, grad, raw_stats, raw_pairwise, counts
@@ -632,21 +638,25 @@ def _register_fused_ce_inplace_op():
         logits: torch.Tensor,
         labels: torch.Tensor,
         class_bias: Optional[torch.Tensor],
+        weight: Optional[torch.Tensor],
         ignore_index: int,
         reduction: int,
+        label_smoothing: float,
         compute_stats: bool,
         track_pairwise: bool,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         loss, _grad, raw_stats, raw_pairwise, counts = fused_ce_forward(
-            logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise,
-            inplace_backward=True,
+            logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
+            track_pairwise, inplace_backward=True,
         )
         return loss, raw_stats, raw_pairwise, counts
 
     @fused_ce_fwd_inplace.register_fake
-    def _(logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise):
+    def _(logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
+          track_pairwise):
         loss, _grad, raw_stats, raw_pairwise, counts = ops.fused_ce_fake(
-            logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise
+            logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
+            track_pairwise
         )
         return loss, raw_stats, raw_pairwise, counts
 
@@ -677,9 +687,11 @@ class InplaceFusedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise):
+    def forward(ctx, logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing,
+                compute_stats, track_pairwise):
         loss, raw_stats, raw_pairwise, counts = fused_ce_inplace_op()(
-            logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise
+            logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
+            track_pairwise
         )
         # not mark_dirty: the logits are not returned; their version counter was bumped by the op,
         # so autograd still catches any other node that saved their old values
@@ -691,12 +703,13 @@ class InplaceFusedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_grads_of_statistics):
         (grad,) = ctx.saved_tensors
-        return ops.scale_saved_grad(grad, grad_loss, ctx.reduction), None, None, None, None, None, None
+        return (ops.scale_saved_grad(grad, grad_loss, ctx.reduction),) + (None,) * 8
 
 
-def fused_ce_inplace(logits, labels, class_bias=None, ignore_index=-100, reduction=REDUCTION_MEAN,
-                     compute_stats=False, track_pairwise=False):
+def fused_ce_inplace(logits, labels, class_bias=None, weight=None, ignore_index=-100,
+                     reduction=REDUCTION_MEAN, label_smoothing=0.0, compute_stats=False,
+                     track_pairwise=False):
     """``(loss, raw_stats, raw_pairwise, counts)`` with autograd; the logits' storage receives the
     gradient (what ``fused_gala_ce(..., inplace_backward=True)`` is meant to call)."""
-    return InplaceFusedCE.apply(logits, labels, class_bias, ignore_index, reduction, compute_stats,
-                                track_pairwise)
+    return InplaceFusedCE.apply(logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing,
+                                compute_stats, track_pairwise)

@@ -1,0 +1,160 @@
+"""The GPU training step: no host synchronisation, at most three launches, capturable in a CUDA graph.
+
+A training step of ``fused_gala_ce`` on the ``triton`` or ``cuda`` backend (and on CPU tensors with
+Triton's interpreter) is one op, ``fused_ce_step_`` (``torch.ops.gala`` for CUDA C++,
+``torch.ops.gala_triton`` for Triton; the schema is in csrc/torch_bindings.cpp), that reads the
+state and writes it back on the device:
+
+1. the class bias ``lambda1 * log(pos_grad + eps)`` is computed inside the kernel, from the state
+   as it was before the call;
+2. loss, gradient (with ``weight`` and ``label_smoothing``) and the raw statistics, as
+   ``fused_ce_fwd``; the raw sums and the step's counts go to ``state.step_scratch``, a
+   persistent float32 buffer (layout in gala_kernels/state.py);
+3. the last program of the launch (a ticket counter) folds the scratch into the state ("cumulative",
+   "sum" or "ema"), adds 1 to ``steps`` and the non-finite rows to ``nonfinite_rows``, and zeroes
+   the scratch, so no memset is needed before the next step.
+
+Launches per training step (forward + backward): the step kernel (two for rows too long for one
+on-chip pass) and the backward's scaling kernel, which reads ``grad_output`` on the device and
+returns at once when it is 1. Under ``torch.distributed`` (a state that syncs) or with pairwise
+tracking, the kernel leaves its sums in the scratch; then the scratch is all-reduced over the
+ranks and ``fold_step_`` folds it: kernel, all-reduce, fold. No path reads a device value on the
+host: labels outside ``[0, C)`` are handled on the device (gala_kernels/label_errors.py).
+
+The backward scales the saved gradient in place (it is the op's own output, used by nothing else).
+A second backward through the same graph (``retain_graph=True``) rescales out of place by the
+ratio of the two ``grad_output`` values; under torch.compile the backward is a plain product.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import _extension, distributed, label_errors
+from ..state import ACCUMULATIONS, GALAState
+
+
+class StepOps(NamedTuple):
+    """The device ops of one backend (schemas in csrc/torch_bindings.cpp)."""
+
+    step: object  # fused_ce_step_ -> (loss, grad)
+    step_inplace: Optional[object]  # the same, the gradient written into the logits -> loss
+    fold: object  # fold_step_
+    scale: object  # scale_grad_
+
+
+def _triton():
+    from . import triton_gala
+
+    return triton_gala
+
+
+def applies(name: str, logits: torch.Tensor) -> bool:
+    """Whether a training step of backend ``name`` on ``logits`` runs as the device step."""
+    if name == "cuda":
+        return _extension.has_kernel("fused_ce_step_", "CUDA")
+    if name == "triton":
+        # float64 on a GPU: Triton's fp64 transcendentals are not relied upon (fused_ce_fwd's fallback)
+        return (_triton().HAS_TRITON and hasattr(_triton(), "step_ops")
+                and not (logits.dtype == torch.float64 and logits.device.type == "cuda"))
+    return False
+
+
+def ops_for(name: str) -> StepOps:
+    if name == "cuda":
+        gala = torch.ops.gala
+        return StepOps(gala.fused_ce_step_.default, None, gala.fold_step_.default, gala.scale_grad_.default)
+    return _triton().step_ops()
+
+
+def state_tensors(state: GALAState):
+    """The state's tensors in the order of ``fused_ce_step_``'s mutated arguments."""
+    running = state.running_vectors if state.accumulation == "cumulative" else []
+    return state.stat_vectors, running, state.steps, state.nonfinite_rows, state.step_scratch, \
+        state.raw_pairwise_scratch, state.label_error
+
+
+def folds_in_kernel(state: GALAState) -> bool:
+    """Whether the step kernel can fold (no sum over ranks to wait for, no pairwise matrix)."""
+    return distributed.sync_group(state) is None and state.pairwise is None
+
+
+def run_step_op(ops: StepOps, logits, labels, state: GALAState, *, weight, lambda1, eps, ignore_index,
+                reduction, label_smoothing, fold, row_offset=0, inplace=False):
+    """One launch of the step op, no autograd: ``(loss, grad)`` (``grad`` is the logits if inplace)."""
+    stats, running, steps, nonfinite, scratch, raw_pairwise, label_error = state_tensors(state)
+    args = (logits, labels, weight, stats, running, steps, nonfinite, scratch, raw_pairwise, label_error,
+            float(lambda1), float(eps), int(ignore_index), int(reduction), float(label_smoothing),
+            ACCUMULATIONS.index(state.accumulation), float(state.ema_beta), bool(fold), int(row_offset))
+    if inplace:
+        return ops.step_inplace(*args), logits
+    return ops.step(*args)
+
+
+def fold_pending(ops: StepOps, state: GALAState) -> None:
+    """Fold the sums a step left in ``state.step_scratch``: first summed over ranks when the state
+    syncs (one all-reduce of ``3C + 3`` floats, ``C * C`` more with pairwise tracking)."""
+    distributed.sync_step_scratch(state)
+    running = state.running_vectors if state.accumulation == "cumulative" else []
+    ops.fold(state.step_scratch, state.raw_pairwise_scratch, state.stat_vectors, running, state.pairwise,
+             state.running_pairwise, state.steps, state.nonfinite_rows,
+             ACCUMULATIONS.index(state.accumulation), float(state.ema_beta))
+
+
+def scale_grad(ops: StepOps, grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """``grad * grad_output`` for the backward; in place (skipped on the device when it is 1) in eager."""
+    if per_row:
+        return grad * grad_output.unsqueeze(1).to(grad.dtype)
+    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
+        return grad * grad_output.to(grad.dtype)
+    ops.scale(grad, grad_output)
+    return grad
+
+
+class _TrainingStep(torch.autograd.Function):
+    """Autograd of the device step: the gradient is made in the forward, scaled in the backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, state, ops, options):
+        loss, grad = run_step_op(ops, logits, labels, state, **options)
+        ctx.save_for_backward(grad)
+        ctx.ops = ops
+        ctx.per_row = options["reduction"] == 0
+        ctx.applied = None  # the grad_output the saved gradient has been scaled by in place
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        if ctx.applied is not None:  # retain_graph: the saved gradient holds grad * applied already
+            result = grad * (grad_loss / ctx.applied).to(grad.dtype)
+        else:
+            result = scale_grad(ctx.ops, grad, grad_loss, ctx.per_row)
+            if result is grad and not torch.compiler.is_compiling():
+                ctx.applied = grad_loss.detach().clone()
+        return result, None, None, None, None
+
+
+def training_step(name: str, logits: torch.Tensor, labels: torch.Tensor, state: GALAState, *,
+                  weight: Optional[torch.Tensor], lambda1: float, eps: float, ignore_index: int,
+                  reduction: int, label_smoothing: float, inplace_backward: bool = False) -> torch.Tensor:
+    """A whole training step on the device: the loss, with autograd; the state updated."""
+    label_errors.raise_pending(state)  # a bad label of an earlier step, if its record has landed
+    if not label_errors.deferred(logits.device):
+        label_errors.check_now(labels, logits.shape[1], ignore_index)
+    ops = ops_for(name)
+    fold = folds_in_kernel(state)
+    options = dict(weight=weight, lambda1=lambda1, eps=eps, ignore_index=ignore_index, reduction=reduction,
+                   label_smoothing=label_smoothing, fold=fold)
+    if inplace_backward:
+        loss = _triton().InplaceTrainingStep.apply(logits, labels, state, ops, options)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        loss = _TrainingStep.apply(logits, labels, state, ops, options)
+    else:
+        loss, _grad = run_step_op(ops, logits, labels, state, **options)
+    if not fold:
+        fold_pending(ops, state)
+    label_errors.start_copy(state)
+    return loss
