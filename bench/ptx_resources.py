@@ -1,12 +1,14 @@
-"""Compile the Triton GALA kernel for a GPU target without a GPU and print its resource usage.
+"""Compile the Triton GALA kernels for a GPU target without a GPU and print their resource usage.
 
-The real Triton compiler (not the interpreter) lowers the kernel to PTX and a cubin for the target
+The real Triton compiler (not the interpreter) lowers each kernel to PTX and a cubin for the target
 (default sm_90, H100/H200); ``cuobjdump --dump-resource-usage`` (shipped with Triton) then gives
-registers per thread and stack (spill) bytes. This is how the block-size rule in
-``gala_kernels/backends/triton_gala.py`` was sized, and a compile check that runs on any machine.
+registers per thread and stack (spill) bytes. This is how the launch rule in
+``gala_kernels/backends/triton_gala.py`` is sized, and a compile check that runs on any machine:
+it catches what the interpreter cannot (types of loop-carried values, unsupported operations,
+registers).
 
-    python bench/ptx_resources.py                 # the configs the rule picks for typical shapes
-    python bench/ptx_resources.py --quick         # a few variants (used by tests/test_triton.py)
+    python tools/ptx_resources.py                 # every kernel, the configs the rule picks
+    python tools/ptx_resources.py --quick         # one line per kernel (the test suite runs this)
 
 TRITON_INTERPRET must be unset (the interpreter replaces the compiler).
 """
@@ -24,28 +26,36 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from gala_kernels.backends import triton_ce_kernels as kernels
 from gala_kernels.backends import triton_gala
 
-POINTER_ARGS = ("logits_ptr", "labels_ptr", "class_bias_ptr", "grad_ptr", "loss_ptr", "raw_stats_ptr",
-                "raw_pairwise_ptr", "workspace_ptr", "counts_ptr", "n_valid_ptr")
-INT_ARGS = ("B", "C", "logits_row_stride", "grad_row_stride", "ignore_index")
+# pointer arguments of the kernels that are not float32, by name ({dtype} = the logits dtype)
+POINTER_TYPES = {
+    "logits_ptr": "*{dtype}",
+    "grad_ptr": "*{dtype}",
+    "loss_ptr": "*{dtype}",
+    "labels_ptr": "*i64",
+    "counts_ptr": "*i64",
+    "label_error_ptr": "*i64",
+    "steps_ptr": "*i64",
+    "nonfinite_ptr": "*i64",
+    "grad_output_ptr": "*fp32",
+}
+FLOAT_SCALARS = ("lambda1", "eps", "label_smoothing", "ema_beta")
 
 
-def compile_kernel(config, dtype="bf16", *, reduction=1, stats=True, pairwise=False, count_in_kernel=True,
-                   has_bias=True, capability=90):
-    """The compiled kernel (``triton.compile``) for one config and one set of switches."""
-    pointer_types = dict(zip(POINTER_ARGS, (f"*{dtype}", "*i64", "*fp32", f"*{dtype}", f"*{dtype}", "*fp32",
-                                            "*fp32", "*fp32", "*i64", "*i64")))
-    signature = {**pointer_types, **{name: "i32" for name in INT_ARGS}}
-    constexprs = dict(
-        REDUCTION=reduction, HAS_BIAS=has_bias, COMPUTE_STATS=stats, TRACK_PAIRWISE=pairwise,
-        COUNT_IN_KERNEL=count_in_kernel, COMPUTE_FP64=False, SINGLE_BLOCK=config.single_block,
-        BLOCK_C=config.block_c, ROWS_PER_TILE=config.rows_per_tile, LABEL_BLOCK=triton_gala.LABEL_BLOCK,
-    )
-    signature.update({name: "constexpr" for name in constexprs})
-    source = ASTSource(fn=triton_gala._gala_ce_fwd_kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": config.num_warps})
+def compile_kernel(fn, constexprs, *, dtype="bf16", num_warps=4, capability=90):
+    """``triton.compile`` of one kernel for one set of compile-time switches."""
+    signature = {}
+    for name, param in zip(fn.arg_names, fn.params):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES.get(name, "*fp32").format(dtype=dtype)
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
 
 
 def resource_usage(compiled) -> str:
@@ -59,31 +69,110 @@ def resource_usage(compiled) -> str:
     return match.group(0) if match else "unknown"
 
 
+def loss_switches(config, *, training=True, weight=False, smoothing=False, reduction=1, pairwise=False):
+    """The constexprs of a loss kernel: a training step (bias from the state, fold) or plain CE."""
+    return dict(
+        REDUCTION=reduction,
+        BIAS_MODE=triton_gala.BIAS_FROM_STATE if training else triton_gala.BIAS_NONE,
+        HAS_WEIGHT=weight,
+        HAS_SMOOTHING=smoothing,
+        COMPUTE_STATS=training,
+        TRACK_PAIRWISE=pairwise,
+        WRITE_COUNTS=not training,
+        RECORD_BAD_LABELS=training,
+        FOLD=training and not pairwise,
+        ACCUMULATION=0,
+        COMPUTE_FP64=False,
+        BLOCK_C=config.block_c,
+        ROWS_PER_TILE=config.rows_per_tile,
+        FOLD_BLOCK=triton_gala.FOLD_BLOCK,
+    )
+
+
+def variants(quick: bool):
+    """``(description, kernel, constexprs, num_warps)`` of what to compile."""
+    shapes = (
+        [(512, 8142), (8192, 32768)]
+        if quick
+        else [(4096, 37), (4096, 1000), (512, 8142), (8192, 32768), (2048, 131072)]
+    )
+    options = (
+        [dict()]
+        if quick
+        else [
+            dict(),
+            dict(weight=True, smoothing=True),
+            dict(training=False, reduction=0),
+            dict(pairwise=True, reduction=2),
+        ]
+    )
+    for B, C in shapes:
+        config = triton_gala.choose_config(B, C)
+        for flags in options:
+            switches = loss_switches(config, **flags)
+            label = f"{B} x {C} rows={config.rows_per_tile} block={config.block_c} "
+            label += f"warps={config.num_warps} {flags}"
+            if config.single_block:
+                yield (
+                    label,
+                    kernels.gala_ce_rows_kernel,
+                    dict(switches, COUNT_IN_KERNEL=True, LABEL_BLOCK=triton_gala.LABEL_BLOCK),
+                    config.num_warps,
+                )
+            else:
+                yield (
+                    label,
+                    kernels.gala_ce_partials_kernel,
+                    {
+                        k: switches[k]
+                        for k in (
+                            "BIAS_MODE",
+                            "HAS_WEIGHT",
+                            "HAS_SMOOTHING",
+                            "COMPUTE_FP64",
+                            "BLOCK_C",
+                            "ROWS_PER_TILE",
+                        )
+                    },
+                    config.num_warps,
+                )
+                yield (
+                    label,
+                    kernels.gala_ce_columns_kernel,
+                    dict(switches, SLICE_BLOCK=min(triton_gala.MAX_SLICE_BLOCK, C // config.block_c)),
+                    config.num_warps,
+                )
+    yield (
+        "count rows",
+        kernels.gala_count_rows_kernel,
+        dict(HAS_WEIGHT=True, COMPUTE_FP64=False, LABEL_BLOCK=triton_gala.LABEL_BLOCK),
+        4,
+    )
+    yield (
+        "fold (pairwise)",
+        kernels.gala_fold_kernel,
+        dict(ACCUMULATION=0, TRACK_PAIRWISE=True, FOLD_BLOCK=triton_gala.FOLD_BLOCK),
+        4,
+    )
+    yield ("scale grad", kernels.scale_grad_kernel, dict(BLOCK=triton_gala.SCALE_BLOCK), 4)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few variants only")
     parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     args = parser.parse_args(argv)
     if triton_gala.triton_interpret_enabled():
         print("TRITON_INTERPRET is set: unset it to run the compiler", file=sys.stderr)
         return 2
-    shapes = [(4096, 37), (512, 8142), (8192, 32768)] if args.quick else [
-        (4096, 1), (4096, 37), (4096, 1000), (4096, 8142), (8192, 32768), (2048, 131072), (4, 1_000_000)]
-    dtypes = ("bf16",) if args.quick else ("bf16", "fp32")
-    switches = [dict(reduction=1, stats=True), dict(reduction=0, stats=False, count_in_kernel=False)]
-    if not args.quick:
-        switches.append(dict(reduction=2, stats=True, pairwise=True))
-    print(f"| B x C | dtype | config | switches | sm_{args.capability} usage |")
-    print("|---|---|---|---|---|")
-    for B, C in shapes:
-        config = triton_gala.choose_config(B, C)
-        for dtype in dtypes:
-            for flags in switches:
-                usage = resource_usage(compile_kernel(config, dtype, capability=args.capability, **flags))
-                path = "single" if config.single_block else "two-sweep"
-                described = f"{path} rows={config.rows_per_tile} block={config.block_c}"
-                described += f" warps={config.num_warps}"
-                print(f"| {B} x {C} | {dtype} | {described} | {flags} | {usage} |", flush=True)
+    print(f"| kernel | variant | sm_{args.capability} usage ({args.dtype}) |")
+    print("|---|---|---|")
+    for label, fn, constexprs, num_warps in variants(args.quick):
+        compiled = compile_kernel(
+            fn, constexprs, dtype=args.dtype, num_warps=num_warps, capability=args.capability
+        )
+        print(f"| {fn.__name__} | {label} | {resource_usage(compiled)} |", flush=True)
     return 0
 
 

@@ -57,8 +57,7 @@ def applies(name: str, logits: torch.Tensor) -> bool:
         return _extension.has_kernel("fused_ce_step_", "CUDA")
     if name == "triton":
         # float64 on a GPU: Triton's fp64 transcendentals are not relied upon (fused_ce_fwd's fallback)
-        return (_triton().HAS_TRITON and hasattr(_triton(), "step_ops")
-                and not (logits.dtype == torch.float64 and logits.device.type == "cuda"))
+        return _triton().HAS_TRITON and not (logits.dtype == torch.float64 and logits.device.type == "cuda")
     return False
 
 
@@ -72,8 +71,15 @@ def ops_for(name: str) -> StepOps:
 def state_tensors(state: GALAState):
     """The state's tensors in the order of ``fused_ce_step_``'s mutated arguments."""
     running = state.running_vectors if state.accumulation == "cumulative" else []
-    return state.stat_vectors, running, state.steps, state.nonfinite_rows, state.step_scratch, \
-        state.raw_pairwise_scratch, state.label_error
+    return (
+        state.stat_vectors,
+        running,
+        state.steps,
+        state.nonfinite_rows,
+        state.step_scratch,
+        state.raw_pairwise_scratch,
+        state.label_error,
+    )
 
 
 def folds_in_kernel(state: GALAState) -> bool:
@@ -81,13 +87,45 @@ def folds_in_kernel(state: GALAState) -> bool:
     return distributed.sync_group(state) is None and state.pairwise is None
 
 
-def run_step_op(ops: StepOps, logits, labels, state: GALAState, *, weight, lambda1, eps, ignore_index,
-                reduction, label_smoothing, fold, row_offset=0, inplace=False):
+def run_step_op(
+    ops: StepOps,
+    logits,
+    labels,
+    state: GALAState,
+    *,
+    weight,
+    lambda1,
+    eps,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    fold,
+    row_offset=0,
+    inplace=False,
+):
     """One launch of the step op, no autograd: ``(loss, grad)`` (``grad`` is the logits if inplace)."""
     stats, running, steps, nonfinite, scratch, raw_pairwise, label_error = state_tensors(state)
-    args = (logits, labels, weight, stats, running, steps, nonfinite, scratch, raw_pairwise, label_error,
-            float(lambda1), float(eps), int(ignore_index), int(reduction), float(label_smoothing),
-            ACCUMULATIONS.index(state.accumulation), float(state.ema_beta), bool(fold), int(row_offset))
+    args = (
+        logits,
+        labels,
+        weight,
+        stats,
+        running,
+        steps,
+        nonfinite,
+        scratch,
+        raw_pairwise,
+        label_error,
+        float(lambda1),
+        float(eps),
+        int(ignore_index),
+        int(reduction),
+        float(label_smoothing),
+        ACCUMULATIONS.index(state.accumulation),
+        float(state.ema_beta),
+        bool(fold),
+        int(row_offset),
+    )
     if inplace:
         return ops.step_inplace(*args), logits
     return ops.step(*args)
@@ -98,9 +136,18 @@ def fold_pending(ops: StepOps, state: GALAState) -> None:
     syncs (one all-reduce of ``3C + 3`` floats, ``C * C`` more with pairwise tracking)."""
     distributed.sync_step_scratch(state)
     running = state.running_vectors if state.accumulation == "cumulative" else []
-    ops.fold(state.step_scratch, state.raw_pairwise_scratch, state.stat_vectors, running, state.pairwise,
-             state.running_pairwise, state.steps, state.nonfinite_rows,
-             ACCUMULATIONS.index(state.accumulation), float(state.ema_beta))
+    ops.fold(
+        state.step_scratch,
+        state.raw_pairwise_scratch,
+        state.stat_vectors,
+        running,
+        state.pairwise,
+        state.running_pairwise,
+        state.steps,
+        state.nonfinite_rows,
+        ACCUMULATIONS.index(state.accumulation),
+        float(state.ema_beta),
+    )
 
 
 def scale_grad(ops: StepOps, grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
@@ -137,17 +184,35 @@ class _TrainingStep(torch.autograd.Function):
         return result, None, None, None, None
 
 
-def training_step(name: str, logits: torch.Tensor, labels: torch.Tensor, state: GALAState, *,
-                  weight: Optional[torch.Tensor], lambda1: float, eps: float, ignore_index: int,
-                  reduction: int, label_smoothing: float, inplace_backward: bool = False) -> torch.Tensor:
+def training_step(
+    name: str,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    state: GALAState,
+    *,
+    weight: Optional[torch.Tensor],
+    lambda1: float,
+    eps: float,
+    ignore_index: int,
+    reduction: int,
+    label_smoothing: float,
+    inplace_backward: bool = False,
+) -> torch.Tensor:
     """A whole training step on the device: the loss, with autograd; the state updated."""
     label_errors.raise_pending(state)  # a bad label of an earlier step, if its record has landed
     if not label_errors.deferred(logits.device):
         label_errors.check_now(labels, logits.shape[1], ignore_index)
     ops = ops_for(name)
     fold = folds_in_kernel(state)
-    options = dict(weight=weight, lambda1=lambda1, eps=eps, ignore_index=ignore_index, reduction=reduction,
-                   label_smoothing=label_smoothing, fold=fold)
+    options = dict(
+        weight=weight,
+        lambda1=lambda1,
+        eps=eps,
+        ignore_index=ignore_index,
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+        fold=fold,
+    )
     if inplace_backward:
         loss = _triton().InplaceTrainingStep.apply(logits, labels, state, ops, options)
     elif torch.is_grad_enabled() and logits.requires_grad:
