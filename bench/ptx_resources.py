@@ -154,7 +154,12 @@ def variants(quick: bool):
         dict(ACCUMULATION=0, TRACK_PAIRWISE=True, FOLD_BLOCK=triton_gala.FOLD_BLOCK),
         4,
     )
-    yield ("scale grad", kernels.scale_grad_kernel, dict(BLOCK=triton_gala.SCALE_BLOCK), 4)
+    yield (
+        "scale grad",
+        kernels.scale_grad_kernel,
+        dict(COMPUTE_FP64=False, BLOCK=triton_gala.SCALE_BLOCK),
+        4,
+    )
 
 
 def main(argv=None) -> int:

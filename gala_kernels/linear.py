@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from . import backends, folding, label_errors, reference
+from .backends import step as device_step
 from .loss import check_label_smoothing, check_labels_state_reduction, prepare_weight
 from .ops import REDUCTION_CODES
 from .state import GALAState
@@ -81,10 +82,31 @@ class _Config:
     label_smoothing: float = 0.0
 
 
+@dataclass
+class _DeviceChunks:
+    """A training call on a GPU backend: each chunk is one launch of the device step, whose kernel
+    adds the chunk's statistics to ``state.step_scratch``; the last chunk's kernel folds them
+    (``s = 1/N`` of the whole batch) when the state folds on the device, else ``fold_pending``
+    does after the call. No host synchronisation."""
+
+    ops: device_step.StepOps
+    state: GALAState
+    lambda1: float
+    eps: float
+    fold_in_kernel: bool
+
+
 def _chunk_forward(config: _Config, logits, labels, class_bias, row_shift, weight, *, compute_stats,
-                   reduction):
+                   reduction, device: Optional[_DeviceChunks] = None, row_offset=0, last=True):
     """One chunk through the backend: ``(loss, dlogits, raw (3,C) or None, raw_pairwise, counts)``."""
     pairwise = compute_stats and config.track_pairwise
+    if device is not None and compute_stats:
+        loss, grad = device_step.run_step_op(
+            device.ops, logits, labels, device.state, weight=weight, lambda1=device.lambda1, eps=device.eps,
+            ignore_index=config.ignore_index, reduction=REDUCTION_CODES[reduction],
+            label_smoothing=config.label_smoothing, fold=device.fold_in_kernel and last,
+            row_offset=row_offset)
+        return loss, grad, None, None, None
     if config.backend == "torch":
         loss, grad, stats = reference.forward_and_grad(
             logits, labels, class_bias, row_shift, reduction=reduction, ignore_index=config.ignore_index,
@@ -134,7 +156,8 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, class_bias, row_shift, class_weight, config: _Config):
+    def forward(ctx, x, weight, bias, labels, class_bias, row_shift, class_weight, config: _Config,
+                device: Optional[_DeviceChunks]):
         B, C = x.shape[0], weight.shape[0]
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         keep_grads = config.grad_enabled and config.reduction != "none" and (need_x or need_w or need_b)
@@ -157,11 +180,12 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
             logits_c = _chunk_logits(x_c, weight, bias)
             loss_c, dlogits_c, raw_c, pair_c, counts_c = _chunk_forward(
                 config, logits_c, labels[start:stop], class_bias, row_shift, class_weight,
-                compute_stats=config.compute_stats, reduction=chunk_reduction,
+                compute_stats=config.compute_stats, reduction=chunk_reduction, device=device,
+                row_offset=start, last=stop == B,
             )
             del logits_c
             losses.append(loss_c)
-            if config.compute_stats:  # raw sums add over chunks; folded once, by the caller
+            if config.compute_stats and device is None:  # raw sums add over chunks, folded once
                 raw = raw_c.clone() if raw is None else raw.add_(raw_c)
                 counts = counts_c.clone() if counts is None else counts.add_(counts_c)
                 if pair_c is not None:
@@ -203,12 +227,14 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
             ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.config = config
         ctx.input_dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scale_ops = device.ops if device is not None else None
+        ctx.applied = None
 
         empty = x.new_empty(0, dtype=torch.float32)
         raw = raw if raw is not None else empty
         raw_pairwise = raw_pairwise if raw_pairwise is not None else empty
         counts = counts if counts is not None else empty.to(torch.int64)
-        if config.compute_stats and counts.numel() == 0:  # B = 0: nothing seen, N = 0
+        if config.compute_stats and device is None and counts.numel() == 0:  # B = 0: nothing seen, N = 0
             raw = torch.zeros(3, C, dtype=torch.float32, device=x.device)
             counts = torch.zeros(2, dtype=torch.int64, device=x.device)
         ctx.mark_non_differentiable(raw, raw_pairwise, counts)
@@ -221,16 +247,29 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
         if config.reduction == "none":
             grad_x, grad_w, grad_b = _recompute_grads_for_none(ctx, grad_loss)
         else:
-            grad_x, grad_w, grad_b = ctx.saved_tensors
-            scale = grad_loss
-            skip = not torch.compiler.is_compiling() and bool(scale == 1)
-            grad_x = None if grad_x is None else (grad_x if skip else grad_x * scale.to(grad_x.dtype))
-            grad_w = None if grad_w is None else (grad_w if skip else grad_w * scale.to(grad_w.dtype))
-            grad_b = None if grad_b is None else (grad_b if skip else grad_b * scale.to(grad_b.dtype))
+            grad_x, grad_w, grad_b = (_scaled(ctx, g, grad_loss) for g in ctx.saved_tensors)
+            if ctx.scale_ops is not None and not torch.compiler.is_compiling() and ctx.applied is None:
+                ctx.applied = grad_loss.detach()
         grad_x = None if grad_x is None else grad_x.to(x_dtype)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _scaled(ctx, grad: Optional[torch.Tensor], grad_output: torch.Tensor) -> Optional[torch.Tensor]:
+    """``grad * grad_output``. GPU backends, eager: in place, skipped on the device when it is 1 (no
+    host synchronisation; a later backward through the same graph rescales by the ratio). CPU:
+    skipped when it is 1 (reading it costs nothing there)."""
+    if grad is None:
+        return None
+    if torch.compiler.is_compiling():
+        return grad * grad_output.to(grad.dtype)
+    if ctx.scale_ops is not None:
+        if ctx.applied is not None:
+            return grad * (grad_output / ctx.applied).to(grad.dtype)
+        ctx.scale_ops.scale(grad, grad_output)
+        return grad
+    return grad if bool(grad_output == 1) else grad * grad_output.to(grad.dtype)
 
 
 def _total_weight(labels, valid, class_weight, dtype) -> torch.Tensor:
@@ -330,11 +369,16 @@ def fused_linear_gala_ce(
     C = weight.shape[0]
     class_weight = prepare_weight(class_weight, C, x.device, reference.compute_dtype(x.dtype), source="x")
     name = backends.resolve(backend, x, shape=(x.shape[0], C))  # decided by the logits' shape
-    if name != "cpu":  # the C++ CPU op checks the labels itself, with the same message
-        label_errors.check_now(labels, C, ignore_index)
     compute_stats = state is not None and update_state
+    device = None
+    if compute_stats and x.shape[0] > 0 and device_step.applies(name, x):
+        label_errors.raise_pending(state)
+        device = _DeviceChunks(device_step.ops_for(name), state, float(lambda1), float(eps),
+                               device_step.folds_in_kernel(state))
+    if name != "cpu" and not (device is not None and label_errors.deferred(x.device)):
+        label_errors.check_now(labels, C, ignore_index)  # the C++ CPU op checks the labels itself
     class_bias = row_shift = None
-    if state is not None:
+    if state is not None and device is None:
         class_bias = reference.class_bias(state, lambda1, eps, reference.compute_dtype(x.dtype))
         if name == "torch":  # the reference keeps the (gradient-free) lambda2 term, for parity
             row_shift = lambda2 * torch.log(state.neg_grad.to(class_bias.dtype) + eps)
@@ -345,9 +389,13 @@ def fused_linear_gala_ce(
         grad_enabled=torch.is_grad_enabled(), label_smoothing=float(label_smoothing),
     )
     loss, raw, raw_pairwise, counts = _FusedLinearGALAFunction.apply(
-        x, weight, bias, labels, class_bias, row_shift, class_weight, config
+        x, weight, bias, labels, class_bias, row_shift, class_weight, config, device
     )
-    if compute_stats:
+    if device is not None:
+        if not device.fold_in_kernel:
+            device_step.fold_pending(device.ops, state)
+        label_errors.start_copy(state)
+    elif compute_stats:
         stats = reference.StepStatistics(raw, raw_pairwise if config.track_pairwise else None, counts)
         folding.fold_step(state, stats)
     return loss

@@ -180,7 +180,7 @@ class _TrainingStep(torch.autograd.Function):
         else:
             result = scale_grad(ctx.ops, grad, grad_loss, ctx.per_row)
             if result is grad and not torch.compiler.is_compiling():
-                ctx.applied = grad_loss.detach().clone()
+                ctx.applied = grad_loss.detach()  # a reference, no copy: autograd does not reuse it
         return result, None, None, None, None
 
 

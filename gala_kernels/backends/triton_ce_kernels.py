@@ -1018,12 +1018,12 @@ def gala_fold_kernel(
 
 
 @triton.jit(do_not_specialize=["n"])
-def scale_grad_kernel(grad_ptr, grad_output_ptr, n, BLOCK: tl.constexpr):
+def scale_grad_kernel(grad_ptr, grad_output_ptr, n, COMPUTE_FP64: tl.constexpr, BLOCK: tl.constexpr):
     """``grad *= grad_output``, read on the device: nothing to do (not even a read of ``grad``) when 1."""
-    scale = tl.load(grad_output_ptr).to(tl.float32)
+    scale = to_math(tl.load(grad_output_ptr), COMPUTE_FP64)
     if scale != 1.0:
         for start in range(tl.program_id(0) * BLOCK, n, tl.num_programs(0) * BLOCK):
             k = start + tl.arange(0, BLOCK).to(tl.int64)
             inside = k < n
-            g = tl.load(grad_ptr + k, mask=inside, other=0.0).to(tl.float32)
+            g = to_math(tl.load(grad_ptr + k, mask=inside, other=0.0), COMPUTE_FP64)
             tl.store(grad_ptr + k, (g * scale).to(grad_ptr.dtype.element_ty), mask=inside)

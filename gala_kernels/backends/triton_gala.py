@@ -626,7 +626,9 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     """``scale_grad_``: ``grad *= grad_output`` in place, nothing done on the device when it is 1."""
     n = grad.numel()
     programs = max(1, min(triton.cdiv(n, SCALE_BLOCK), sm_count(grad.device) * 4))
-    kernels.scale_grad_kernel[(programs,)](grad, grad_output, n, BLOCK=SCALE_BLOCK)
+    kernels.scale_grad_kernel[(programs,)](
+        grad, grad_output, n, COMPUTE_FP64=grad.dtype == torch.float64, BLOCK=SCALE_BLOCK
+    )
 
 
 # --------------------------------------------------------------------------------------------------
