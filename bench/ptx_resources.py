@@ -151,8 +151,13 @@ def variants(quick: bool):
     yield (
         "fold (pairwise)",
         kernels.gala_fold_kernel,
-        dict(ACCUMULATION=0, TRACK_PAIRWISE=True, FOLD_BLOCK=triton_gala.FOLD_BLOCK),
-        4,
+        dict(
+            ACCUMULATION=0,
+            TRACK_PAIRWISE=True,
+            FOLD_BLOCK=triton_gala.FOLD_BLOCK,
+            PAIRWISE_BLOCK=triton_gala.PAIRWISE_FOLD_BLOCK,
+        ),
+        16,
     )
     yield (
         "scale grad",

@@ -963,6 +963,7 @@ def gala_fold_kernel(
     ACCUMULATION: tl.constexpr,
     TRACK_PAIRWISE: tl.constexpr,
     FOLD_BLOCK: tl.constexpr,
+    PAIRWISE_BLOCK: tl.constexpr,
 ):
     """The fold of sums a step left in the scratch (skipped when a bad label was counted): program 0
     folds the three vectors, every program a share of the pairwise matrix; the last one to finish
@@ -990,8 +991,8 @@ def gala_fold_kernel(
         else:
             zero_raw(raw_ptr, C, FOLD_BLOCK)
     if TRACK_PAIRWISE:
-        for start in range(pid * FOLD_BLOCK, C * C, tl.num_programs(0) * FOLD_BLOCK):
-            k = start + tl.arange(0, FOLD_BLOCK).to(tl.int64)
+        for start in range(pid * PAIRWISE_BLOCK, C * C, tl.num_programs(0) * PAIRWISE_BLOCK):
+            k = start + tl.arange(0, PAIRWISE_BLOCK).to(tl.int64)
             inside = k < C * C
             if bad_rows == 0:
                 d = tl.load(raw_pairwise_ptr + k, mask=inside, other=0.0) * s
@@ -1005,7 +1006,7 @@ def gala_fold_kernel(
                 else:
                     state = state * ema_beta + d * (1.0 - ema_beta)
                 tl.store(pairwise_ptr + k, state, mask=inside)
-            tl.store(raw_pairwise_ptr + k, tl.zeros((FOLD_BLOCK,), tl.float32), mask=inside)
+            tl.store(raw_pairwise_ptr + k, tl.zeros((PAIRWISE_BLOCK,), tl.float32), mask=inside)
     ticket = tl.atomic_add(slots_ptr + SLOT_FOLD_TICKET, 1.0)
     if ticket == tl.num_programs(0) - 1:
         if bad_rows == 0:

@@ -76,6 +76,7 @@ ELEMENTS_PER_WARP = 256
 COUNT_IN_KERNEL_MAX_ROWS = 16384
 LABEL_BLOCK = 1024
 FOLD_BLOCK = 1024
+PAIRWISE_FOLD_BLOCK = 8192  # elements of the C x C pairwise matrix per step of a program (16 warps)
 SCALE_BLOCK = 4096
 # Partials (one per column slice) that gala_ce_columns_kernel combines per step: all of them at
 # once up to MAX_SLICE_BLOCK slices (C up to ~0.5M at 2048 columns per slice).
@@ -603,7 +604,7 @@ def fold_step(
     track_pairwise = pairwise is not None and raw_pairwise is not None
     programs = 1
     if track_pairwise:
-        programs = max(1, min(triton.cdiv(C * C, FOLD_BLOCK), sm_count(scratch.device) * 4))
+        programs = max(1, min(triton.cdiv(C * C, PAIRWISE_FOLD_BLOCK), sm_count(scratch.device) * 4))
     kernels.gala_fold_kernel[(programs,)](
         scratch[: 3 * C],
         scratch[3 * C :],
@@ -619,6 +620,8 @@ def fold_step(
         ACCUMULATION=accumulation,
         TRACK_PAIRWISE=track_pairwise,
         FOLD_BLOCK=FOLD_BLOCK,
+        PAIRWISE_BLOCK=PAIRWISE_FOLD_BLOCK,
+        num_warps=16,
     )
 
 
