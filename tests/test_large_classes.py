@@ -47,7 +47,7 @@ def test_two_pass_kernels_match_the_reference(C, dtype, reduction):
     state = warmed_state(C)
     truth_state = copy.deepcopy(state)
     g = torch.linspace(0.5, 1.5, B) if reduction == "none" else torch.tensor(0.8)
-    for step in range(2):
+    for _ in range(2):
         loss, grad = _step(logits, labels, state, "triton", g, reduction=reduction)
         t_loss, t_grad = _step(logits.double(), labels, truth_state, "torch", g, reduction=reduction)
         torch.testing.assert_close(loss.double(), t_loss, **TOLERANCES[dtype], equal_nan=True)
