@@ -110,6 +110,28 @@ def _scenario_loss_and_linear(rank):
             "opt_out": state_of(local)}
 
 
+def _scenario_device_step(rank):
+    """The Triton device step (the interpreter on these CPU workers) with a synced state: the kernel
+    leaves its sums in the scratch, which is all-reduced, then folded by gala_fold_kernel."""
+    from gala_kernels.backends import triton_gala
+
+    if not triton_gala.availability(torch.device("cpu"))[0]:
+        return {"error": triton_gala.availability(torch.device("cpu"))[1]}
+    out = {}
+    for accumulation in ACCUMULATIONS:
+        state = gk.GALAState(C, accumulation=accumulation, ema_beta=0.9, track_pairwise=True)
+        linear_state = gk.GALAState(C, accumulation=accumulation, ema_beta=0.9)
+        weight = torch.randn(C, D, generator=torch.Generator().manual_seed(7))
+        for step in range(STEPS):
+            logits, features, labels = global_batch(step, dtype=torch.float32)
+            gk.fused_gala_ce(logits[rows(rank)], labels[rows(rank)], state, backend="triton")
+            fused_linear_gala_ce(features[rows(rank)], weight, labels[rows(rank)], linear_state, chunk_size=8,
+                                 backend="triton")
+        scratch = state.step_scratch.abs().sum() + linear_state.step_scratch.abs().sum()
+        out[accumulation] = {"loss": state_of(state), "linear": state_of(linear_state), "scratch": float(scratch)}
+    return out
+
+
 def _scenario_ddp(rank):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -210,6 +232,7 @@ def worker(rank: int, init_file: str, out_dir: str) -> None:
     results = {
         "direct": _scenario_direct(rank),
         "loss_and_linear": _scenario_loss_and_linear(rank),
+        "device_step": _scenario_device_step(rank),
         "ddp": _scenario_ddp(rank),
         "fsdp": _scenario_fsdp(rank),
         "mismatch": _scenario_mismatch(rank),
@@ -275,6 +298,26 @@ def test_gala_loss_and_fused_linear_sync_through_the_fold(results):
         assert_states_equal(results[rank]["loss_and_linear"]["loss"], state_of(single))
         assert_states_equal(results[rank]["loss_and_linear"]["custom_group"], state_of(single))
         assert_states_equal(results[rank]["loss_and_linear"]["linear"], state_of(single_linear))
+
+
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+def test_device_step_syncs_its_scratch_over_ranks(results, accumulation):
+    """The device step's sums are all-reduced in the scratch and folded on the device: every rank
+    holds the state of one process on the global batch (pairwise tracking included)."""
+    if "error" in results[0]["device_step"]:
+        pytest.skip(results[0]["device_step"]["error"])
+    single = gk.GALAState(C, accumulation=accumulation, ema_beta=0.9, track_pairwise=True)
+    single_linear = gk.GALAState(C, accumulation=accumulation, ema_beta=0.9)
+    weight = torch.randn(C, D, generator=torch.Generator().manual_seed(7))
+    for step in range(STEPS):
+        logits, features, labels = global_batch(step, dtype=torch.float32)
+        reference.gala_ce(logits, labels, single)
+        reference.gala_ce(features @ weight.t(), labels, single_linear)
+    for rank in range(WORLD):
+        run = results[rank]["device_step"][accumulation]
+        assert_states_equal(run["loss"], state_of(single))
+        assert_states_equal(run["linear"], state_of(single_linear))
+        assert run["scratch"] == 0.0
 
 
 def test_sync_none_keeps_the_statistics_local(results):
