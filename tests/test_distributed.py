@@ -128,7 +128,8 @@ def _scenario_device_step(rank):
             fused_linear_gala_ce(features[rows(rank)], weight, labels[rows(rank)], linear_state, chunk_size=8,
                                  backend="triton")
         scratch = state.step_scratch.abs().sum() + linear_state.step_scratch.abs().sum()
-        out[accumulation] = {"loss": state_of(state), "linear": state_of(linear_state), "scratch": float(scratch)}
+        out[accumulation] = {"loss": state_of(state), "linear": state_of(linear_state),
+                             "scratch": float(scratch)}
     return out
 
 
