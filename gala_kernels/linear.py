@@ -45,7 +45,7 @@ import torch
 from . import backends, folding, label_errors, reference
 from .backends import step as device_step
 from .loss import check_label_smoothing, check_labels_state_reduction, prepare_weight
-from .ops import REDUCTION_CODES
+from .ops import REDUCTION_CODES, scale_grad
 from .state import GALAState
 
 CHUNK_BYTES_CPU = 64 * 2**20
@@ -247,29 +247,17 @@ class _FusedLinearGALAFunction(torch.autograd.Function):
         if config.reduction == "none":
             grad_x, grad_w, grad_b = _recompute_grads_for_none(ctx, grad_loss)
         else:
-            grad_x, grad_w, grad_b = (_scaled(ctx, g, grad_loss) for g in ctx.saved_tensors)
-            if ctx.scale_ops is not None and not torch.compiler.is_compiling() and ctx.applied is None:
-                ctx.applied = grad_loss.detach()
+            scale_op = ctx.scale_ops.scale if ctx.scale_ops is not None else None
+            scaled = [(None, False) if g is None else scale_grad(g, grad_loss, applied=ctx.applied,
+                                                                 scale_op=scale_op)
+                      for g in ctx.saved_tensors]
+            (grad_x, _), (grad_w, _), (grad_b, _) = scaled
+            if any(in_place for _, in_place in scaled):
+                ctx.applied = grad_loss.detach()  # the saved gradients hold this multiple now
         grad_x = None if grad_x is None else grad_x.to(x_dtype)
         grad_w = None if grad_w is None else grad_w.to(w_dtype)
         grad_b = None if grad_b is None else grad_b.to(b_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
-
-
-def _scaled(ctx, grad: Optional[torch.Tensor], grad_output: torch.Tensor) -> Optional[torch.Tensor]:
-    """``grad * grad_output``. GPU backends, eager: in place, skipped on the device when it is 1 (no
-    host synchronisation; a later backward through the same graph rescales by the ratio). CPU:
-    skipped when it is 1 (reading it costs nothing there)."""
-    if grad is None:
-        return None
-    if torch.compiler.is_compiling():
-        return grad * grad_output.to(grad.dtype)
-    if ctx.scale_ops is not None:
-        if ctx.applied is not None:
-            return grad * (grad_output / ctx.applied).to(grad.dtype)
-        ctx.scale_ops.scale(grad, grad_output)
-        return grad
-    return grad if bool(grad_output == 1) else grad * grad_output.to(grad.dtype)
 
 
 def _total_weight(labels, valid, class_weight, dtype) -> torch.Tensor:

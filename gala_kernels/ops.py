@@ -41,13 +41,51 @@ def _is_eager(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
-def scale_saved_grad(grad: torch.Tensor, grad_output: torch.Tensor, reduction: int) -> torch.Tensor:
-    """``dloss/dlogits = grad * grad_output`` (per row for reduction "none")."""
+def device_scale_op(device: torch.device):
+    """The in-place scaling op for a GPU tensor (``scale_grad_`` of the CUDA extension, else
+    Triton's), or None."""
+    if device.type != "cuda":
+        return None
+    if _extension.has_kernel("scale_grad_", "CUDA"):
+        return torch.ops.gala.scale_grad_
+    from .backends import triton_gala
+
+    return triton_gala.scale_grad if triton_gala.availability(device)[0] else None
+
+
+def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, *, applied=None, scale_op=None):
+    """``(grad * grad_output, scaled_in_place)`` for a backward whose gradient was made in the forward.
+
+    The common ``grad_output`` of 1 costs nothing in eager calls: a CPU tensor's value is read on the
+    host (free there); on a GPU a scaling kernel (``scale_op``, or :func:`device_scale_op`) reads
+    it on the device, without a host synchronisation, and scales ``grad`` in place, returning at
+    once when it is 1. ``applied``: the ``grad_output`` an earlier backward of the same graph
+    (``retain_graph``) scaled ``grad`` by in place; then the ratio is applied, out of place.
+    """
+    if not _is_eager(grad_output) or type(grad) is not torch.Tensor:
+        return grad * grad_output.to(grad.dtype), False
+    if applied is not None:
+        return grad * (grad_output / applied).to(grad.dtype), False
+    if scale_op is None and grad.device.type == "cpu":  # item: ~1 us on CPU, `== 1` ~15 us
+        return (grad if grad_output.item() == 1 else grad * grad_output.to(grad.dtype)), False
+    scale_op = scale_op or device_scale_op(grad.device)
+    if scale_op is None or not grad.is_contiguous():
+        return grad * grad_output.to(grad.dtype), False
+    scale_op(grad, grad_output)
+    return grad, True
+
+
+def scale_saved_grad(ctx, grad: torch.Tensor, grad_output: torch.Tensor, reduction: int,
+                     scale_op=None) -> torch.Tensor:
+    """``dloss/dlogits = grad * grad_output`` (per row for reduction "none"), by :func:`scale_grad`;
+    records on ``ctx`` what an in-place scaling applied."""
     if reduction == _NONE:
         return grad * grad_output.unsqueeze(1).to(grad.dtype)
-    if _is_eager(grad_output) and grad_output.item() == 1:  # item: ~1 us on CPU, `== 1` ~15 us
-        return grad  # the common case: loss.backward() on the mean loss, nothing to scale
-    return grad * grad_output.to(grad.dtype)
+    result, in_place = scale_grad(grad, grad_output, applied=getattr(ctx, "applied_grad_output", None),
+                                  scale_op=scale_op)
+    if in_place:
+        ctx.applied_grad_output = grad_output.detach()  # a reference: autograd does not reuse it
+    return result
 
 
 def save_grad_for_backward(ctx, grad: torch.Tensor, reduction: int, num_inputs: int) -> None:
@@ -68,7 +106,7 @@ def _setup_context(ctx, inputs, output):
 def backward_from_saved_grad(ctx, grad_loss, *_grads_of_other_outputs):
     """The backward of every fused op: the saved gradient, scaled by ``grad_output`` when needed."""
     (grad,) = ctx.saved_tensors
-    grad_logits = None if grad_loss is None else scale_saved_grad(grad, grad_loss, ctx.reduction)
+    grad_logits = None if grad_loss is None else scale_saved_grad(ctx, grad, grad_loss, ctx.reduction)
     return (grad_logits,) + (None,) * (ctx.num_inputs - 1)  # nothing else is differentiable
 
 

@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _extension, distributed, label_errors
+from ..ops import scale_saved_grad
 from ..state import ACCUMULATIONS, GALAState
 
 
@@ -150,16 +151,6 @@ def fold_pending(ops: StepOps, state: GALAState) -> None:
     )
 
 
-def scale_grad(ops: StepOps, grad: torch.Tensor, grad_output: torch.Tensor, per_row: bool) -> torch.Tensor:
-    """``grad * grad_output`` for the backward; in place (skipped on the device when it is 1) in eager."""
-    if per_row:
-        return grad * grad_output.unsqueeze(1).to(grad.dtype)
-    if torch.compiler.is_compiling() or type(grad) is not torch.Tensor:
-        return grad * grad_output.to(grad.dtype)
-    ops.scale(grad, grad_output)
-    return grad
-
-
 class _TrainingStep(torch.autograd.Function):
     """Autograd of the device step: the gradient is made in the forward, scaled in the backward."""
 
@@ -168,20 +159,13 @@ class _TrainingStep(torch.autograd.Function):
         loss, grad = run_step_op(ops, logits, labels, state, **options)
         ctx.save_for_backward(grad)
         ctx.ops = ops
-        ctx.per_row = options["reduction"] == 0
-        ctx.applied = None  # the grad_output the saved gradient has been scaled by in place
+        ctx.reduction = options["reduction"]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        if ctx.applied is not None:  # retain_graph: the saved gradient holds grad * applied already
-            result = grad * (grad_loss / ctx.applied).to(grad.dtype)
-        else:
-            result = scale_grad(ctx.ops, grad, grad_loss, ctx.per_row)
-            if result is grad and not torch.compiler.is_compiling():
-                ctx.applied = grad_loss.detach()  # a reference, no copy: autograd does not reuse it
-        return result, None, None, None, None
+        return scale_saved_grad(ctx, grad, grad_loss, ctx.reduction, ctx.ops.scale), None, None, None, None
 
 
 def training_step(

@@ -977,7 +977,7 @@ class InplaceFusedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_grads_of_statistics):
         (grad,) = ctx.saved_tensors
-        return (ops.scale_saved_grad(grad, grad_loss, ctx.reduction),) + (None,) * 8
+        return (ops.scale_saved_grad(ctx, grad, grad_loss, ctx.reduction),) + (None,) * 8
 
 
 def fused_ce_inplace(
@@ -1017,12 +1017,11 @@ class InplaceTrainingStep(torch.autograd.Function):
         loss, grad = run_step_op(step_ops_, logits, labels, state, inplace=True, **options)
         ctx.save_for_backward(grad)
         ctx.ops = step_ops_
-        ctx.per_row = options["reduction"] == REDUCTION_NONE
+        ctx.reduction = options["reduction"]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        from .step import scale_grad as scale
-
         (grad,) = ctx.saved_tensors
-        return scale(ctx.ops, grad, grad_loss, ctx.per_row), None, None, None, None
+        grad_logits = ops.scale_saved_grad(ctx, grad, grad_loss, ctx.reduction, ctx.ops.scale)
+        return grad_logits, None, None, None, None
