@@ -387,11 +387,11 @@ __device__ __forceinline__ void finish_training_step(const GalaCeCudaParams& p, 
 // then a ticket; the last CTA writes the reduced loss (sum / W for "mean", sum for "sum") and
 // finishes a training step.
 //
-// Ordering: every thread fences after its own atomics (statistics, counts) and before the
-// barrier; thread 0 then adds the CTA's loss, fences again and takes the ticket. The CTA that
-// draws the last ticket fences once more (all its threads) before reading what the others wrote,
-// and reads the atomically written sums through L2 (__ldcg). So each CTA's writes happen before its
-// ticket, and every ticket before the last CTA's reads.
+// Ordering (the PTX memory model's release and acquire patterns, made of fences and the ticket):
+// the barrier orders every thread's atomics (statistics, counts) before thread 0's fence, which
+// is cumulative, then thread 0 takes the ticket (release). The thread 0 that draws the last
+// ticket fences right after it (acquire), before the barrier that lets its CTA's other threads
+// read what every CTA wrote; those reads go through L2 (__ldcg), never a stale L1 line.
 template <typename T, int kBlockThreads, typename A, int kTeams>
 __device__ __forceinline__ void finish_launch(const GalaCeCudaParams& p, const LaunchShared<A, kTeams>& launch) {
   const bool reduced = p.reduction != ReductionCode::None;
@@ -403,8 +403,7 @@ __device__ __forceinline__ void finish_launch(const GalaCeCudaParams& p, const L
                         static_cast<int64_t>(blockIdx.x) * kBlockThreads + threadIdx.x,
                         static_cast<int64_t>(gridDim.x) * kBlockThreads);
   }
-  __threadfence();
-  __syncthreads();  // every thread's fence, and every team's loss, before thread 0 goes on
+  __syncthreads();  // every thread's atomics, and every team's loss, before thread 0 goes on
   double* loss_sum = reinterpret_cast<double*>(p.workspace + kLossSum);
   if (threadIdx.x == 0) {
     if (reduced) {
@@ -412,13 +411,13 @@ __device__ __forceinline__ void finish_launch(const GalaCeCudaParams& p, const L
       for (int t = 0; t < kTeams; ++t) block_sum += launch.team_loss[t];
       atomicAdd(loss_sum, block_sum);
     }
-    __threadfence();
+    __threadfence();  // release
     auto* done = reinterpret_cast<unsigned long long*>(p.workspace + kDoneCtas);
     is_last = atomicAdd(done, 1ull) == gridDim.x - 1;
+    __threadfence();  // acquire (when last)
   }
   __syncthreads();
   if (!is_last) return;
-  __threadfence();
   if (threadIdx.x == 0 && reduced) {
     const double sum = __ldcg(loss_sum);
     // W = 0 gives 0 * inf = NaN (or inf with smoothing), as the reference's sum / W

@@ -27,8 +27,9 @@ namespace {
 constexpr int kFoldThreads = 256;
 
 // Ordering: every CTA reads the three count slots at its start and zeroes only raw sums; the count
-// slots are zeroed by the last CTA, after every CTA has taken its ticket (each after a fence that
-// follows its reads and writes), so no CTA can read a zeroed count.
+// slots are zeroed by the last CTA, after every CTA has taken its ticket (thread 0: barrier, fence,
+// ticket; the fence is cumulative over the CTA's reads and writes ordered by the barrier), so no
+// CTA can read a zeroed count. The last ticket's thread 0 fences again (acquire) before its reads.
 __global__ void __launch_bounds__(kFoldThreads) fold_step_kernel(const FoldStepCudaParams p) {
   const int64_t C = p.num_classes;
   float* slots = p.scratch + 3 * C;
@@ -53,15 +54,15 @@ __global__ void __launch_bounds__(kFoldThreads) fold_step_kernel(const FoldStepC
   }
 
   __shared__ int is_last;
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence();  // release
     auto* ticket = reinterpret_cast<unsigned int*>(slots + kScratchFoldTicket);
     is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
   }
   __syncthreads();
   if (!is_last || threadIdx.x != 0) return;
-  __threadfence();
+  __threadfence();  // acquire
   if (fold) {
     *p.steps += 1;
     *p.nonfinite_rows += static_cast<int64_t>(__ldcg(slots + kScratchNonfinite));
