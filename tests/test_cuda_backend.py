@@ -6,8 +6,11 @@ chosen to reach every kernel variant of csrc/cuda/gala_ce_kernel.cu ("Choosing a
 one warp per row (C <= 1021), one CTA per row (C <= 16381), and the streamed kernel (longer rows,
 with and without the shared-memory raw_clsneg, and every float64 row).
 
-On any machine with nvcc, the CPU tests run the CUDA compile check (GALA_CUDA_COMPILE_CHECK) and
-a syntax check of the torch binding against torch's headers.
+Sections: the fused op (fused_ce_fwd, with weight and label smoothing); the training step's ops
+(fused_ce_step_, fold_step_, scale_grad_: loss, gradient and state against the reference, bad
+labels, no host synchronisation, CUDA-graph capture); bad input; registration. On any machine with
+nvcc, the CPU tests run the CUDA compile check (GALA_CUDA_COMPILE_CHECK) and a syntax check of the
+torch bindings against torch's headers.
 """
 
 from __future__ import annotations
@@ -23,11 +26,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import requires_cuda
-from gala_testing import TOLERANCES, assert_close_to_truth, make_inputs, run_step, warmed_state
+from gala_testing import (
+    STATE_TOLERANCE,
+    TOLERANCES,
+    assert_close_to_truth,
+    make_inputs,
+    run_step,
+    warmed_state,
+)
 
 import gala_kernels as gk
-from gala_kernels import _extension, backends, ops
+from gala_kernels import _extension, backends, ops, reference
 from gala_kernels.backends import cuda_rule
+from gala_kernels.backends import step as device_step
+from gala_kernels.state import ACCUMULATIONS, SCRATCH_SLOTS
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
@@ -64,9 +76,91 @@ def check_against_truth(logits, labels, state, *, grad_output=None, **kwargs):
     return result
 
 
-def op_outputs(logits, labels, bias=None, *, reduction=1, stats=True, pairwise=False, ignore_index=-100):
+def op_outputs(logits, labels, bias=None, *, reduction=1, stats=True, pairwise=False, ignore_index=-100,
+               weight=None, label_smoothing=0.0):
     op = ops.native_fused_ce()
-    return op(logits, labels, bias, None, ignore_index, reduction, 0.0, stats, pairwise)
+    return op(logits, labels, bias, weight, ignore_index, reduction, label_smoothing, stats, pairwise)
+
+
+REDUCTION_NAMES = ("none", "mean", "sum")  # by reduction code
+
+
+def class_weights(C, device, dtype=torch.float32, seed=0):
+    """Positive class weights in [0.25, 2) (the math dtype: float64 for float64 logits)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(C, generator=g, dtype=torch.float64) * 1.75 + 0.25).to(dtype).to(device)
+
+
+def math_dtype(dtype):
+    return reference.compute_dtype(dtype)
+
+
+# ---- the training step's ops, called as gala_kernels/backends/step.py calls them ----
+def step_ops():
+    return device_step.ops_for("cuda")
+
+
+def step_call(logits, labels, state, *, weight=None, lambda1=1.2, eps=1e-3, ignore_index=-100, reduction=1,
+              label_smoothing=0.0, fold=None, row_offset=0):
+    """One fused_ce_step_ launch on ``state``: ``(loss, grad)``. ``fold=None``: as the glue decides
+    (in the kernel unless the state tracks pairwise sums)."""
+    if fold is None:
+        fold = device_step.folds_in_kernel(state)
+    return device_step.run_step_op(step_ops(), logits, labels, state, weight=weight, lambda1=lambda1, eps=eps,
+                                   ignore_index=ignore_index, reduction=reduction,
+                                   label_smoothing=label_smoothing, fold=fold, row_offset=row_offset)
+
+
+def step_and_fold(logits, labels, state, **kwargs):
+    """A whole training step of the ops: the step launch, then fold_step_ when it did not fold."""
+    fold = device_step.folds_in_kernel(state)
+    loss, grad = step_call(logits, labels, state, fold=fold, **kwargs)
+    if not fold:
+        device_step.fold_pending(step_ops(), state)
+    return loss, grad
+
+
+def truth_step(logits, labels, state, *, weight=None, lambda1=1.2, eps=1e-3, ignore_index=-100, reduction=1,
+               label_smoothing=0.0):
+    """The float64 reference of one step on ``state`` (folded into it): ``(loss, grad)``. The class
+    bias is rounded to the kernel's math dtype first (the kernel computes it in fp32 for fp32 and
+    16-bit logits), the rest is float64."""
+    bias = reference.class_bias(state, lambda1, eps, math_dtype(logits.dtype)).double()
+    loss, grad, stats = reference.forward_and_grad(
+        logits.double(), labels, bias, None, reduction=REDUCTION_NAMES[reduction], ignore_index=ignore_index,
+        compute_stats=True, track_pairwise=state.pairwise is not None,
+        weight=None if weight is None else weight.double(), label_smoothing=label_smoothing)
+    reference.fold_increments(state, stats)
+    return loss, grad
+
+
+def assert_step_close(loss, grad, truth_loss, truth_grad, dtype):
+    assert loss.dtype == dtype and grad.dtype == dtype
+    tol = TOLERANCES[dtype]
+    torch.testing.assert_close(loss.double(), truth_loss.double(), equal_nan=True, **tol)
+    torch.testing.assert_close(grad.double(), truth_grad.double(), equal_nan=True, **tol)
+
+
+def assert_states_close(state, truth_state):
+    """Every saved buffer at fp32 tolerance (counters exactly); the step's working memory idle."""
+    got = state.state_dict()
+    for name, value in truth_state.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(got[name], value, **STATE_TOLERANCE, msg=name)
+        else:
+            assert torch.equal(got[name], value), (name, got[name], value)
+    assert torch.all(state.step_scratch == 0), state.step_scratch[-SCRATCH_SLOTS:]
+    if state.raw_pairwise_scratch is not None:
+        assert torch.all(state.raw_pairwise_scratch == 0)
+
+
+def snapshot(state):
+    return {name: value.clone() for name, value in state.state_dict().items()}
+
+
+def assert_state_unchanged(state, before):
+    for name, value in state.state_dict().items():
+        assert torch.equal(value, before[name]), name
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,22 +320,503 @@ def test_eval_mode_is_plain_cross_entropy(cuda):
 
 
 # ------------------------------------------------------------------------------------------------
+# the fused op with weight and label smoothing
+# ------------------------------------------------------------------------------------------------
+# (weighted, label_smoothing): the plain path, each option alone, both
+OPTION_CASES = [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.25), (True, 1.0)]
+OPTION_IDS = ["plain", "weight", "ls", "weight+ls", "weight+ls1"]
+
+
+def check_fused_op_options(logits, labels, *, weighted, label_smoothing, reduction, pairwise=False, seed=0):
+    """fused_ce_fwd with a class bias, weight and smoothing against reference.forward_and_grad."""
+    C = logits.shape[1]
+    mdt = math_dtype(logits.dtype)
+    g = torch.Generator().manual_seed(seed)
+    bias = (torch.randn(C, generator=g, dtype=torch.float64) * 2).to(mdt).to(logits.device)
+    weight = class_weights(C, logits.device, mdt, seed) if weighted else None
+    loss, grad, raw, raw_pairwise, counts = op_outputs(
+        logits, labels, bias, reduction=reduction, pairwise=pairwise, weight=weight,
+        label_smoothing=label_smoothing)
+    t_loss, t_grad, t_stats = reference.forward_and_grad(
+        logits.double(), labels, bias.double(), None, reduction=REDUCTION_NAMES[reduction], ignore_index=-100,
+        compute_stats=True, track_pairwise=pairwise, weight=None if weight is None else weight.double(),
+        label_smoothing=label_smoothing)
+    assert_step_close(loss, grad, t_loss, t_grad, logits.dtype)
+    # the statistics never depend on weight or smoothing
+    torch.testing.assert_close(raw.double(), t_stats.raw, **STATE_TOLERANCE)
+    assert torch.equal(counts.cpu(), t_stats.counts.cpu())
+    if pairwise:
+        torch.testing.assert_close(raw_pairwise.double(), t_stats.raw_pairwise, **STATE_TOLERANCE)
+
+
+@gpu_test
+@pytest.mark.parametrize("weighted,label_smoothing", OPTION_CASES, ids=OPTION_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", [1, 2, 37, 1000, 4093, 16389, 70001])
+def test_fused_op_weight_and_smoothing(cuda, weighted, label_smoothing, dtype, C):
+    """Every kernel variant, with and without its smoothing twin, every reduction."""
+    logits, labels = cuda_inputs(11, C, dtype, cuda, ignore_every=4, seed=C)
+    for reduction in (0, 1, 2):
+        check_fused_op_options(logits, labels, weighted=weighted, label_smoothing=label_smoothing,
+                               reduction=reduction, seed=reduction)
+
+
+@gpu_test
+@pytest.mark.parametrize("weighted,label_smoothing", OPTION_CASES, ids=OPTION_IDS)
+@pytest.mark.parametrize("B,C,dtype", [(3000, 500, torch.float32), (600, 20000, torch.bfloat16),
+                                       (20000, 40, torch.float16)])
+def test_fused_op_options_many_rows(cuda, weighted, label_smoothing, B, C, dtype):
+    """Persistent CTAs over many rows, and (B = 20000) several prepare blocks counting N and W."""
+    logits, labels = cuda_inputs(B, C, dtype, cuda, ignore_every=7, seed=B)
+    for reduction in (1, 2):
+        check_fused_op_options(logits, labels, weighted=weighted, label_smoothing=label_smoothing,
+                               reduction=reduction, pairwise=C <= 500)
+
+
+@gpu_test
+@pytest.mark.parametrize("weighted,label_smoothing", OPTION_CASES, ids=OPTION_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("C", [10, 3000, 30000])
+def test_plain_cross_entropy_matches_torch(cuda, weighted, label_smoothing, reduction, C):
+    """state=None: F.cross_entropy(weight=, label_smoothing=) in float64, forward and backward."""
+    logits, labels = cuda_inputs(13, C, torch.float64, cuda, ignore_every=5, seed=C)
+    weight = class_weights(C, cuda, torch.float64) if weighted else None
+    z = logits.clone().requires_grad_(True)
+    loss = gk.fused_gala_ce(z, labels, None, backend="cuda", reduction=reduction, weight=weight,
+                            label_smoothing=label_smoothing)
+    z_ref = logits.clone().requires_grad_(True)
+    expected = F.cross_entropy(z_ref, labels, weight=weight, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    go = torch.linspace(-1, 2, 13, dtype=torch.float64, device=cuda) if reduction == "none" else None
+    loss.backward(go)
+    expected.backward(go)
+    torch.testing.assert_close(loss, expected, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(z.grad, z_ref.grad, **TOLERANCES[torch.float64])
+
+
+@gpu_test
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+def test_zero_total_weight(cuda, label_smoothing):
+    """Every non-ignored label has weight 0: W = 0, a NaN (or inf) mean and NaN gradient rows, as
+    the reference (and torch)."""
+    C = 8
+    logits, labels = cuda_inputs(6, C, torch.float32, cuda)
+    labels[:] = torch.tensor([1, 1, -100, 3, 1, -100], device=cuda)
+    weight = torch.ones(C, device=cuda)
+    weight[[1, 3]] = 0
+    for reduction in (0, 1, 2):
+        check_fused_op_options(logits, labels, weighted=False, label_smoothing=label_smoothing,
+                               reduction=reduction)  # (no weight: W = N, the usual case)
+        loss, grad, *_ = op_outputs(logits, labels, None, reduction=reduction, weight=weight,
+                                    label_smoothing=label_smoothing)
+        t_loss, t_grad, _ = reference.forward_and_grad(
+            logits.double(), labels, None, None, reduction=REDUCTION_NAMES[reduction], ignore_index=-100,
+            compute_stats=False, track_pairwise=False, weight=weight.double(),
+            label_smoothing=label_smoothing)
+        torch.testing.assert_close(loss.double(), t_loss, equal_nan=True, **TOLERANCES[torch.float32])
+        torch.testing.assert_close(grad.double(), t_grad, equal_nan=True, **TOLERANCES[torch.float32])
+        if reduction == 1:
+            assert torch.isnan(grad[labels != -100]).all() and torch.all(grad[labels == -100] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# the training step's ops: fused_ce_step_, fold_step_, scale_grad_
+# ------------------------------------------------------------------------------------------------
+STEP_C = [1, 2, 37, 1000, 8193, 40001]  # 8193: one CTA per row; 40001: streamed (shared-memory stats)
+
+
+@gpu_test
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("C", STEP_C)
+def test_step_matches_reference_over_steps(cuda, accumulation, dtype, C):
+    """Loss, gradient and the whole state after each of three steps, folded by the step's last CTA."""
+    state = warmed_state(C, device=cuda, accumulation=accumulation, ema_beta=0.9)
+    truth_state = copy.deepcopy(state)
+    for k in range(3):
+        logits, labels = cuda_inputs(9, C, dtype, cuda, ignore_every=4, seed=10 * C + k)
+        loss, grad = step_call(logits, labels, state)
+        truth_loss, truth_grad = truth_step(logits, labels, truth_state)
+        assert_step_close(loss, grad, truth_loss, truth_grad, dtype)
+        assert_states_close(state, truth_state)
+        assert torch.all(state.label_error == 0)
+        # fp32 atomics sum in any order: each step starts from the same state (see
+        # test_accumulation_and_pairwise_over_steps)
+        truth_state.load_state_dict(state.state_dict())
+    assert int(state.steps) == 2 + 3  # warmed_state's two reference steps, then three
+
+
+@gpu_test
+@pytest.mark.parametrize("weighted,label_smoothing", OPTION_CASES, ids=OPTION_IDS)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 37), (torch.bfloat16, 1000), (torch.float32, 8193),
+                                     (torch.float16, 20000), (torch.float64, 300)], ids=str)
+def test_step_options_ignored_and_non_finite_rows(cuda, weighted, label_smoothing, reduction, dtype, C):
+    state = warmed_state(C, device=cuda)
+    truth_state = copy.deepcopy(state)
+    logits, labels = cuda_inputs(10, C, dtype, cuda, ignore_every=3, seed=C)
+    logits[1, C // 2] = float("inf")
+    logits[2, 0] = float("nan")
+    logits[3, C - 1] = float("-inf")  # row 3 is ignored (ignore_every=3): not counted
+    weight = class_weights(C, cuda, math_dtype(dtype)) if weighted else None
+    options = dict(weight=weight, reduction=reduction, label_smoothing=label_smoothing, lambda1=0.8, eps=1e-2)
+    loss, grad = step_call(logits, labels, state, **options)
+    truth_loss, truth_grad = truth_step(logits, labels, truth_state, **options)
+    assert_step_close(loss, grad, truth_loss, truth_grad, dtype)
+    assert_states_close(state, truth_state)
+    assert int(state.nonfinite_rows) == 2
+    assert torch.isnan(grad[[1, 2]]).all() and torch.all(grad[labels == -100] == 0)
+
+
+@gpu_test
+@pytest.mark.parametrize("B,C", [(20000, 100), (3000, 1000), (700, 20000), (40, 100000)])
+def test_step_many_rows(cuda, B, C):
+    """Several prepare blocks (B > 8192), persistent CTAs over many rows, global-atomic stats
+    (C = 100000)."""
+    state = warmed_state(C, device=cuda)
+    truth_state = copy.deepcopy(state)
+    logits, labels = cuda_inputs(B, C, torch.float32, cuda, ignore_every=9, seed=B)
+    weight = class_weights(C, cuda)
+    loss, grad = step_call(logits, labels, state, weight=weight, label_smoothing=0.05)
+    truth_loss, truth_grad = truth_step(logits, labels, truth_state, weight=weight, label_smoothing=0.05)
+    assert_step_close(loss, grad, truth_loss, truth_grad, torch.float32)
+    assert_states_close(state, truth_state)
+
+
+@gpu_test
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_step_empty_batch_still_folds(cuda, accumulation, reduction):
+    """B = 0: one CTA and no row; "mean" is NaN, "sum" 0; the fold runs (N = 0: s = 1)."""
+    C = 21
+    state = warmed_state(C, device=cuda, accumulation=accumulation)
+    truth_state = copy.deepcopy(state)
+    logits = torch.empty(0, C, device=cuda)
+    labels = torch.empty(0, dtype=torch.int64, device=cuda)
+    loss, grad = step_call(logits, labels, state, reduction=reduction)
+    truth_loss, truth_grad = truth_step(logits, labels, truth_state, reduction=reduction)
+    assert grad.shape == (0, C) and loss.shape == truth_loss.shape
+    torch.testing.assert_close(loss.double(), truth_loss.double(), equal_nan=True)
+    assert_states_close(state, truth_state)
+
+
+@gpu_test
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+@pytest.mark.parametrize("track_pairwise", [False, True])
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 37), (torch.bfloat16, 1500), (torch.float64, 129),
+                                     (torch.float32, 20000)], ids=str)
+def test_step_in_chunks_then_fold_step(cuda, accumulation, track_pairwise, dtype, C):
+    """fold=False: two launches over the two halves of a batch (row_offset, "sum") leave their sums
+    in the scratch; fold_step_ folds them as one step of the whole batch and zeroes the scratch."""
+    if track_pairwise and C > 2000:
+        pytest.skip("C x C pairwise sums of 20000 classes: 1.6 GB")
+    state = warmed_state(C, device=cuda, accumulation=accumulation, ema_beta=0.8,
+                         track_pairwise=track_pairwise)
+    truth_state = copy.deepcopy(state)
+    logits, labels = cuda_inputs(14, C, dtype, cuda, ignore_every=5, seed=C)
+    logits[9, 1 % C] = float("nan")
+    parts = [step_call(logits[:6], labels[:6], state, reduction=2, fold=False),
+             step_call(logits[6:], labels[6:], state, reduction=2, fold=False, row_offset=6)]
+    rows = int((labels != -100).sum())
+    scratch = state.step_scratch
+    assert scratch[3 * C].item() == rows and scratch[3 * C + 1].item() == 1 and scratch[3 * C + 2].item() == 0
+    assert torch.all(scratch[3 * C + 3:] == 0)  # the per-launch slots
+    assert int(state.steps) == 2  # nothing folded yet
+    device_step.fold_pending(step_ops(), state)
+    truth_loss, truth_grad = truth_step(logits, labels, truth_state, reduction=2)
+    loss = parts[0][0] + parts[1][0]
+    grad = torch.cat([parts[0][1], parts[1][1]])
+    assert_step_close(loss, grad, truth_loss, truth_grad, dtype)
+    assert_states_close(state, truth_state)
+    assert int(state.nonfinite_rows) == 1
+
+
+@gpu_test
+@pytest.mark.parametrize("accumulation", ACCUMULATIONS)
+@pytest.mark.parametrize("C", [2, 300])
+def test_step_with_pairwise_over_steps(cuda, accumulation, C):
+    """A pairwise state: the glue's step (kernel with fold=False, then fold_step_) over three steps."""
+    state = warmed_state(C, device=cuda, accumulation=accumulation, track_pairwise=True)
+    truth_state = copy.deepcopy(state)
+    assert not device_step.folds_in_kernel(state)
+    for k in range(3):
+        logits, labels = cuda_inputs(12, C, torch.float32, cuda, ignore_every=5, seed=k)
+        loss, grad = step_and_fold(logits, labels, state)
+        truth_loss, truth_grad = truth_step(logits, labels, truth_state)
+        assert_step_close(loss, grad, truth_loss, truth_grad, torch.float32)
+        assert_states_close(state, truth_state)
+        truth_state.load_state_dict(state.state_dict())
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 5), (torch.bfloat16, 1000), (torch.float32, 8193),
+                                     (torch.float16, 20000), (torch.float64, 40)], ids=str)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("bad_labels", [(-1,), (1 << 40,), (-(1 << 62), "C")], ids=["-1", "2^40", "two"])
+def test_step_bad_labels_are_recorded_and_change_nothing(cuda, dtype, C, reduction, bad_labels):
+    """Bad rows: NaN loss, zero gradient; the other rows as if the bad ones were ignored (W counts
+    none of them); the state untouched (no fold, no count); the first bad row recorded for the host.
+    A good step afterwards folds as usual and keeps the pending record."""
+    state = warmed_state(C, device=cuda)
+    before = snapshot(state)
+    steps_before = int(state.steps)
+    logits, labels = cuda_inputs(12, C, dtype, cuda, ignore_every=5, seed=C)
+    bad_rows = [3, 8][:len(bad_labels)]
+    for row, value in zip(bad_rows, bad_labels):
+        labels[row] = C if value == "C" else value
+    loss, grad = step_call(logits, labels, state, reduction=reduction, ignore_index=-100, row_offset=100)
+
+    clean = labels.clone()
+    clean[bad_rows] = -100
+    truth_loss, truth_grad = truth_step(logits, clean, copy.deepcopy(state), reduction=reduction)
+    assert torch.all(grad[bad_rows] == 0)
+    good = torch.ones(12, dtype=torch.bool, device=cuda)
+    good[bad_rows] = False
+    torch.testing.assert_close(grad[good].double(), truth_grad[good].double(), **TOLERANCES[dtype])
+    if reduction == 0:
+        assert torch.isnan(loss[bad_rows]).all()
+        torch.testing.assert_close(loss[good].double(), truth_loss[good].double(), **TOLERANCES[dtype])
+    else:
+        assert torch.isnan(loss)
+    assert_state_unchanged(state, before)
+    assert torch.all(state.step_scratch == 0)
+    first = bad_rows[0]
+    expected = [1, 100 + first, int(labels[first]), steps_before, -100, 0]
+    assert state.label_error.tolist() == expected
+
+    # a good step folds normally; the first record stays until the host raises it
+    truth_state = copy.deepcopy(state)
+    logits, labels = cuda_inputs(12, C, dtype, cuda, ignore_every=5, seed=C + 1)
+    loss, grad = step_call(logits, labels, state, reduction=reduction)
+    truth_loss, truth_grad = truth_step(logits, labels, truth_state, reduction=reduction)
+    assert_step_close(loss, grad, truth_loss, truth_grad, dtype)
+    assert_states_close(state, truth_state)
+    assert state.label_error.tolist() == expected
+    # another bad step: still the first record
+    labels[0] = -7
+    step_call(logits, labels, state, reduction=reduction)
+    assert state.label_error.tolist() == expected
+    with pytest.raises(ValueError, match=rf"labels\[{100 + first}\] = {expected[2]} is out of range"):
+        state.check_errors()
+    assert torch.all(state.label_error == 0)
+
+
+@gpu_test
+def test_step_bad_label_in_a_later_chunk_and_a_later_prepare_block(cuda):
+    """The first bad row over label-counting blocks (B > 8192) and over chunks (fold=False):
+    fold_step_ skips the fold when any chunk met a bad label, and zeroes the scratch."""
+    C = 50
+    state = warmed_state(C, device=cuda)
+    before = snapshot(state)
+    logits, labels = cuda_inputs(20000, C, torch.float32, cuda, ignore_every=13, seed=1)
+    labels[17000] = C + 5
+    labels[9000] = -3
+    step_call(logits[:10000], labels[:10000], state, reduction=2, fold=False)
+    step_call(logits[10000:], labels[10000:], state, reduction=2, fold=False, row_offset=10000)
+    assert state.step_scratch[3 * C + 2].item() == 2
+    assert state.label_error.tolist() == [1, 9000, -3, 2, -100, 0]
+    device_step.fold_pending(step_ops(), state)
+    assert_state_unchanged(state, before)
+    assert torch.all(state.step_scratch == 0)
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 1000), (torch.bfloat16, 5000), (torch.float32, 20000)],
+                         ids=str)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_step_strided_and_misaligned_rows(cuda, dtype, C, offset):
+    wide, labels = cuda_inputs(9, C + 3, dtype, cuda, ignore_every=4, seed=C)
+    logits = wide[:, offset:offset + C]
+    labels = torch.where(labels == -100, labels, labels % C)
+    state = warmed_state(C, device=cuda)
+    truth_state = copy.deepcopy(state)
+    loss, grad = step_call(logits, labels, state, label_smoothing=0.1)
+    truth_loss, truth_grad = truth_step(logits, labels, truth_state, label_smoothing=0.1)
+    assert grad.is_contiguous()
+    assert_step_close(loss, grad, truth_loss, truth_grad, dtype)
+    assert_states_close(state, truth_state)
+
+
+GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@gpu_test
+@pytest.mark.parametrize("grad_dtype", GRAD_DTYPES, ids=str)
+@pytest.mark.parametrize("go_dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("value", [1.0, 0.5, -3.0, 0.0, float("nan")])
+@pytest.mark.parametrize("numel,offset", [(1, 0), (7, 0), (1000003, 0), (1000, 1), (0, 0)])
+def test_scale_grad(cuda, grad_dtype, go_dtype, value, numel, offset):
+    """grad *= grad_output in place (as grad * grad_output.to(grad.dtype)); 1 leaves it as it is.
+    offset 1: a contiguous view off the 16-byte boundary (the element-wise path)."""
+    base = torch.randn(numel + offset, device=cuda).to(grad_dtype)
+    grad = base[offset:]
+    original = grad.clone()
+    head = base[:offset].clone()
+    grad_output = torch.tensor(value, dtype=go_dtype, device=cuda)
+    step_ops().scale(grad, grad_output)
+    expected = original * grad_output.to(grad_dtype)
+    torch.testing.assert_close(grad, expected, equal_nan=True, atol=0, rtol=0)
+    if value == 1.0:
+        assert torch.equal(grad, original)
+    assert torch.equal(base[:offset], head)  # nothing before the view is touched
+
+
+@gpu_test
+def test_scale_grad_reads_grad_output_on_the_device(cuda):
+    """A grad_output computed on the device, never read by the host, and a 2-D gradient."""
+    grad = torch.randn(33, 77, device=cuda)
+    original = grad.clone()
+    grad_output = torch.ones(4, device=cuda).sum() / 8  # 0.5, made by a kernel
+    step_ops().scale(grad, grad_output)
+    torch.testing.assert_close(grad, original * 0.5, atol=0, rtol=0)
+
+
+@gpu_test
+def test_step_ops_make_no_host_sync(cuda):
+    """Under torch.cuda.set_sync_debug_mode("error") a synchronising call raises: the step (folding
+    in the kernel, and leaving its sums for fold_step_), fold_step_, scale_grad_."""
+    C = 1000
+    state = warmed_state(C, device=cuda)
+    pairwise_state = warmed_state(C, device=cuda, track_pairwise=True)
+    logits, labels = cuda_inputs(64, C, torch.bfloat16, cuda, ignore_every=7)
+    labels[5] = C + 1  # a bad label is handled on the device too
+    weight = class_weights(C, cuda)
+    half = torch.full((), 0.5, device=cuda)
+    one = torch.ones((), device=cuda)
+    step_call(logits, labels, copy.deepcopy(state))  # warm-up: lazy initialisation outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for s in (state, pairwise_state):
+            loss, grad = step_and_fold(logits, labels, s, weight=weight, label_smoothing=0.1)
+            step_ops().scale(grad, half)
+            step_ops().scale(grad, one)
+        step_call(logits, labels, state, fold=False, reduction=0)
+        device_step.fold_pending(step_ops(), state)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@gpu_test
+@pytest.mark.parametrize("track_pairwise", [False, True])
+def test_step_ops_replay_in_a_cuda_graph(cuda, track_pairwise):
+    """The step's launches (and the backward's scaling) captured once and replayed on new inputs
+    give the eager reference's losses, gradients and state."""
+    C, B = 1000, 48
+    state = warmed_state(C, device=cuda, track_pairwise=track_pairwise)
+    truth_state = copy.deepcopy(state)
+    static_logits, static_labels = cuda_inputs(B, C, torch.float32, cuda, ignore_every=7)
+    static_go = torch.ones((), device=cuda)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up with a throwaway state, as torch.cuda.graphs asks
+        step_and_fold(static_logits, static_labels, copy.deepcopy(state))
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss, static_grad = step_and_fold(static_logits, static_labels, state)
+        step_ops().scale(static_grad, static_go)
+    assert int(state.steps) == 2  # capturing runs nothing
+    for k in range(3):
+        logits, labels = cuda_inputs(B, C, torch.float32, cuda, ignore_every=7, seed=100 + k)
+        go = 1.0 if k == 0 else 0.25 * k
+        static_logits.copy_(logits)
+        static_labels.copy_(labels)
+        static_go.fill_(go)
+        graph.replay()
+        truth_loss, truth_grad = truth_step(logits, labels, truth_state)
+        assert_step_close(static_loss, static_grad, truth_loss, truth_grad * go, torch.float32)
+        assert_states_close(state, truth_state)
+        truth_state.load_state_dict(state.state_dict())
+    assert int(state.steps) == 5
+
+
+@gpu_test
+def test_step_ops_schema(cuda):
+    """The ops mutate exactly the arguments their schemas mark (torch.library.opcheck's schema test)."""
+    C = 37
+    state = warmed_state(C, device=cuda)
+    logits, labels = cuda_inputs(6, C, torch.float32, cuda, ignore_every=4)
+    stats, running, steps, nonfinite, scratch, _raw_pairwise, label_error = device_step.state_tensors(state)
+    gala = torch.ops.gala
+    torch.library.opcheck(gala.fused_ce_step_.default,
+                          (logits, labels, None, stats, running, steps, nonfinite, scratch, None, label_error,
+                           1.2, 1e-3, -100, 1, 0.0, 0, 0.99, False, 0), test_utils="test_schema")
+    torch.library.opcheck(gala.fold_step_.default,
+                          (scratch, None, stats, running, None, None, steps, nonfinite, 0, 0.99),
+                          test_utils="test_schema")
+    torch.library.opcheck(gala.scale_grad_.default,
+                          (torch.randn(6, C, device=cuda), torch.tensor(0.5, device=cuda)),
+                          test_utils="test_schema")
+
+
+@gpu_test
+def test_step_op_bad_arguments(cuda):
+    C = 10
+    state = gk.GALAState(C, device=cuda)
+    pairwise_state = gk.GALAState(C, device=cuda, track_pairwise=True)
+    logits, labels = cuda_inputs(6, C, torch.float32, cuda)
+    stats, running, steps, nonfinite, scratch, _raw_pairwise, label_error = device_step.state_tensors(state)
+    gala = torch.ops.gala
+
+    def call(**override):
+        a = dict(logits=logits, labels=labels, weight=None, stats=stats, running=running, steps=steps,
+                 nonfinite=nonfinite, scratch=scratch, raw_pairwise=None, label_error=label_error,
+                 accumulation=0, fold=True, ema_beta=0.99)
+        a.update(override)
+        gala.fused_ce_step_(a["logits"], a["labels"], a["weight"], a["stats"], a["running"], a["steps"],
+                            a["nonfinite"], a["scratch"], a["raw_pairwise"], a["label_error"], 1.2, 1e-3,
+                            -100, 1, 0.0, a["accumulation"], a["ema_beta"], a["fold"], 0)
+
+    cases = [
+        (dict(scratch=scratch[:-1]), ValueError, "scratch must be a contiguous tensor of 38 elements"),
+        (dict(scratch=scratch.double()), TypeError, "scratch must be Float"),
+        (dict(running=[]), ValueError, "expected 3 running vectors"),
+        (dict(accumulation=1), ValueError, "expected 0 running vectors"),
+        (dict(accumulation=3), ValueError, "accumulation code must be 0, 1 or 2"),
+        (dict(stats=stats[:2]), ValueError, "expected 3 state vectors"),
+        (dict(steps=steps.cpu()), ValueError, "steps is on cpu"),
+        (dict(label_error=label_error[:5]), ValueError, "label_error must be a contiguous tensor of 6"),
+        (dict(raw_pairwise=pairwise_state.raw_pairwise_scratch), ValueError, "fold must be false"),
+        (dict(weight=torch.ones(C, device=cuda, dtype=torch.float64)), TypeError, "weight must be Float"),
+        (dict(logits=logits.cpu(), labels=labels.cpu()), ValueError, "logits must be a CUDA tensor"),
+        (dict(accumulation=2, running=[], ema_beta=1.0), ValueError, "ema_beta must be in"),
+    ]
+    for override, error, message in cases:
+        with pytest.raises(error, match=message):
+            call(**override)
+    with pytest.raises(ValueError, match="grad_output must be a 0-dim tensor"):
+        gala.scale_grad_(torch.ones(3, device=cuda), torch.ones(1, device=cuda))
+    with pytest.raises(ValueError, match="grad_output must be a 0-dim tensor"):
+        gala.scale_grad_(torch.ones(3, device=cuda), torch.ones(()))
+    assert torch.all(state.step_scratch == 0) and int(state.steps) == 0  # nothing ran
+
+
+# ------------------------------------------------------------------------------------------------
 # bad input
 # ------------------------------------------------------------------------------------------------
 @gpu_test
 @pytest.mark.parametrize("bad_label", [-1, 10, 1 << 40])
 def test_label_out_of_range_raises_and_changes_nothing(cuda, bad_label):
+    """A training step does not stop the host: NaN loss, zero gradient rows, the state untouched, and
+    the ValueError from check_errors(); the op of an evaluation call checks at once."""
     C = 10
     state = warmed_state(C, device=cuda)
-    before = copy.deepcopy(state.state_dict())
+    before = snapshot(state)
     logits, labels = cuda_inputs(6, C, torch.float32, cuda)
     labels[4] = bad_label
+    z = logits.clone().requires_grad_(True)
+    loss = gk.fused_gala_ce(z, labels, state, backend="cuda")
+    loss.backward()
+    assert torch.isnan(loss) and torch.all(z.grad[4] == 0) and torch.isfinite(z.grad).all()
+    assert_state_unchanged(state, before)
     with pytest.raises(ValueError, match=rf"labels\[4\] = {bad_label}"):
-        gk.fused_gala_ce(logits, labels, state, backend="cuda")
+        state.check_errors()
+    state.check_errors()  # raised once: nothing pending any more
     with pytest.raises(ValueError, match=rf"labels\[4\] = {bad_label} is out of range"):
         op_outputs(logits, labels)  # the op's own check (ValueError from TORCH_CHECK_VALUE)
-    for name, value in state.state_dict().items():
-        assert torch.equal(value, before[name]), name
+    assert_state_unchanged(state, before)
 
 
 @gpu_test
@@ -295,10 +870,11 @@ def test_opcheck(cuda, dtype, compute_stats, pairwise, reduction):
     op = ops.native_fused_ce()
     logits, labels = cuda_inputs(6, 37, dtype, cuda, ignore_every=4)
     bias = torch.randn(37, dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=cuda)
+    weight = class_weights(37, cuda, bias.dtype)
     logits.requires_grad_(True)
-    for class_bias in (bias, None):
-        torch.library.opcheck(op, (logits, labels, class_bias, None, -100, reduction, 0.0, compute_stats,
-                                   pairwise))
+    for class_bias, class_weight, smoothing in ((bias, None, 0.0), (None, None, 0.0), (bias, weight, 0.1)):
+        torch.library.opcheck(op, (logits, labels, class_bias, class_weight, -100, reduction, smoothing,
+                                   compute_stats, pairwise))
 
 
 @gpu_test
@@ -383,9 +959,10 @@ def _torch_include() -> Path:
 @needs_nvcc
 @pytest.mark.skipif(shutil.which("g++") is None or not (_torch_include() / "c10/cuda/CUDAStream.h").exists(),
                     reason="needs g++ and torch's c10/cuda headers")
-def test_cuda_binding_compiles_against_torch_headers(tmp_path):
-    """The binding is only built with a CUDA torch; its syntax and types are checked here against
-    the headers every torch wheel ships (the one generated CUDA config header is stubbed)."""
+@pytest.mark.parametrize("binding", sorted(p.name for p in (ROOT / "csrc" / "cuda").glob("*_binding.cpp")))
+def test_cuda_binding_compiles_against_torch_headers(tmp_path, binding):
+    """The bindings are only built with a CUDA torch; their syntax and types are checked here
+    against the headers every torch wheel ships (the one generated CUDA config header is stubbed)."""
     stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
@@ -398,7 +975,7 @@ def test_cuda_binding_compiles_against_torch_headers(tmp_path):
     command = ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", f"-I{ROOT / 'csrc'}",
                f"-isystem{tmp_path / 'stub'}", f"-isystem{include}",
                f"-isystem{include / 'torch/csrc/api/include'}", f"-isystem{cuda_include}",
-               str(ROOT / "csrc" / "cuda" / "gala_ce_cuda_binding.cpp")]
+               str(ROOT / "csrc" / "cuda" / binding)]
     run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-5000:]
 

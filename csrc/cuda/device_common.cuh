@@ -4,6 +4,7 @@
 //   MathType / to_math / softmax_exp       math in fp32 (fp64 for double inputs)
 //   SoftmaxPartial / merge / team_merge    online (max, sum of exp) pairs merged across a warp or
 //                                          a CTA:  (m1, S1) + (m2, S2) = (m, S1 e^(m1-m) + S2 e^(m2-m))
+//   warp_sum / team_sum                    plain sums across a warp or a CTA
 //   device_limits                          SM count and opt-in shared memory, cached per device
 #pragma once
 
@@ -126,6 +127,26 @@ __device__ __forceinline__ A warp_sum(A v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
   return v;
+}
+
+// Sum over a team of kTeamThreads (one warp, or the whole CTA); every thread of the team gets the
+// same result. As team_merge: a CTA team writes `scratch` (one slot per warp), and the caller
+// must put a __syncthreads() between two uses of the same scratch.
+template <typename A, int kTeamThreads, int kBlockThreads>
+__device__ __forceinline__ A team_sum(A v, A* scratch) {
+  v = warp_sum(v);
+  if constexpr (kTeamThreads == kWarpSize) {
+    return v;
+  } else {
+    static_assert(kTeamThreads == kBlockThreads, "a team is one warp or the whole CTA");
+    constexpr int kWarps = kBlockThreads / kWarpSize;
+    if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = v;
+    __syncthreads();
+    A total = A(0);
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) total += scratch[w];
+    return total;
+  }
 }
 
 
