@@ -94,6 +94,8 @@ def raise_pending(state, *, wait: bool = False) -> None:
     if torch.compiler.is_compiling():
         return
     buffer = state.label_error
+    if buffer.device.type == "cuda" and not wait and torch.cuda.is_current_stream_capturing():
+        return  # no event query while a CUDA graph is being captured; a later call looks
     if wait:
         if buffer.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("check_errors() cannot wait for the GPU while a CUDA graph is being captured")
