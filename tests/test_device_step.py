@@ -541,3 +541,35 @@ def test_reference_is_pure_pytorch():
                  for alias in node.names}
     assert imported <= {"__future__", "dataclasses", "typing", "torch", "state"}, imported
     assert "torch.ops" not in inspect.getsource(reference) and "custom_op" not in inspect.getsource(reference)
+
+
+@needs_interpreter
+def test_opcheck_of_the_triton_step_ops():
+    """Schema, fake implementation and mutation annotations of gala_triton::fused_ce_step_ / fold_step_."""
+    C = 11
+    state = warmed_state(C, track_pairwise=False)
+    logits, labels = make_inputs(5, C, torch.float32, ignore_every=3)
+    stats, running, steps, nonfinite, scratch, raw_pairwise, label_error = device_step.state_tensors(state)
+    args = (logits, labels, None, stats, running, steps, nonfinite, scratch, raw_pairwise, label_error, 1.2,
+            1e-3, -100, 1, 0.0, 0, 0.99, True, 0)
+    torch.library.opcheck(torch.ops.gala_triton.fused_ce_step_.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_the_compiled_step_ops_have_fake_implementations():
+    """gala::fused_ce_step_ and friends trace under FakeTensorMode (what torch.compile needs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gala_kernels import _extension
+
+    if not _extension.load():
+        pytest.skip("gala_kernels._C is not built")
+    device_step._register_native_fakes()
+    with FakeTensorMode():
+        state = gk.GALAState(7)
+        logits, labels = torch.empty(4, 7), torch.zeros(4, dtype=torch.int64)
+        state_args = device_step.state_tensors(state)
+        scalars = (1.2, 1e-3, -100, 0, 0.0, 0, 0.99, True, 0)
+        loss, grad = torch.ops.gala.fused_ce_step_(logits, labels, None, *state_args, *scalars)
+        assert loss.shape == (4,) and grad.shape == (4, 7)
+        torch.ops.gala.scale_grad_(grad, loss.sum())

@@ -62,8 +62,31 @@ def applies(name: str, logits: torch.Tensor) -> bool:
     return False
 
 
+_native_fakes_registered = False
+
+
+def _register_native_fakes() -> None:
+    """Fake implementations of the compiled step ops, so that torch.compile traces through them."""
+    global _native_fakes_registered
+    if _native_fakes_registered:
+        return
+    torch.library.register_fake("gala::fused_ce_step_")(step_fake)
+    torch.library.register_fake("gala::fold_step_")(lambda *args: None)
+    torch.library.register_fake("gala::scale_grad_")(lambda grad, grad_output: None)
+    _native_fakes_registered = True
+
+
+def step_fake(logits, labels, weight, stats, running, steps, nonfinite_rows, scratch, raw_pairwise,
+              label_error, lambda1, eps, ignore_index, reduction, label_smoothing, accumulation, ema_beta,
+              fold, row_offset):
+    """Shapes of ``fused_ce_step_``'s outputs: the loss ((B,) for reduction "none") and the gradient."""
+    loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+    return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
 def ops_for(name: str) -> StepOps:
     if name == "cuda":
+        _register_native_fakes()
         gala = torch.ops.gala
         return StepOps(gala.fused_ce_step_.default, None, gala.fold_step_.default, gala.scale_grad_.default)
     return _triton().step_ops()

@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 from .. import ops, reference
 from .. import state as state_layout
 from . import triton_interpret_enabled
+from .step import StepOps, run_step_op, step_fake
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 BIAS_NONE, BIAS_GIVEN, BIAS_FROM_STATE = 0, 1, 2
@@ -723,31 +724,6 @@ def _register_fused_ce_ops():
 _STEP_MUTATED = ("stats", "running", "steps", "nonfinite_rows", "scratch", "raw_pairwise", "label_error")
 
 
-def _step_fake(
-    logits,
-    labels,
-    weight,
-    stats,
-    running,
-    steps,
-    nonfinite_rows,
-    scratch,
-    raw_pairwise,
-    label_error,
-    lambda1,
-    eps,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    accumulation,
-    ema_beta,
-    fold,
-    row_offset,
-):
-    B = logits.shape[0]
-    return logits.new_empty((B,) if reduction == REDUCTION_NONE else ()), torch.empty_like(logits)
-
-
 def _register_step_ops():
     """``gala_triton::fused_ce_step_`` (schema of ``gala::fused_ce_step_``), ``..._inplace_`` (the
     gradient written into the logits; returns the loss) and ``gala_triton::fold_step_``."""
@@ -796,7 +772,7 @@ def _register_step_ops():
             row_offset,
         )
 
-    fused_ce_step_.register_fake(_step_fake)
+    fused_ce_step_.register_fake(step_fake)
 
     @torch.library.custom_op("gala_triton::fused_ce_step_inplace_", mutates_args=("logits",) + _STEP_MUTATED)
     def fused_ce_step_inplace_(
@@ -845,7 +821,7 @@ def _register_step_ops():
 
     @fused_ce_step_inplace_.register_fake
     def _(*args):
-        return _step_fake(*args)[0]
+        return step_fake(*args)[0]
 
     @torch.library.custom_op(
         "gala_triton::fold_step_",
@@ -925,8 +901,6 @@ def _eager_step_inplace(*args):
 
 def step_ops():
     """The device-step ops of this backend, for gala_kernels/backends/step.py."""
-    from .step import StepOps
-
     return StepOps(
         step=_eager_or_traced(_STEP_OP, fused_ce_step),
         step_inplace=_eager_or_traced(_STEP_INPLACE_OP, _eager_step_inplace),
@@ -1012,8 +986,6 @@ class InplaceTrainingStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, state, step_ops_, options):
-        from .step import run_step_op
-
         loss, grad = run_step_op(step_ops_, logits, labels, state, inplace=True, **options)
         ctx.save_for_backward(grad)
         ctx.ops = step_ops_
