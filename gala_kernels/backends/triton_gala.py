@@ -214,26 +214,32 @@ def availability(device: torch.device) -> Tuple[bool, str]:
     return False, f"the 'triton' backend does not run on {device.type} tensors"
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _check_args(logits, labels, class_bias, weight, reduction, label_smoothing):
-    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D (B, C), got {tuple(logits.shape)}")
-    torch._check(
-        logits.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16),
-        lambda: f"logits must be float32, float64, bfloat16 or float16, got {logits.dtype}",
-    )
-    torch._check(labels.dim() == 1 and labels.shape[0] == logits.shape[0], lambda: "labels must be (B,)")
-    torch._check(labels.dtype == torch.int64, lambda: f"labels must be int64, got {labels.dtype}")
-    torch._check(reduction in (0, 1, 2), lambda: f"reduction code must be 0, 1 or 2, got {reduction}")
-    torch._check(
-        0.0 <= label_smoothing <= 1.0, lambda: f"label_smoothing must be in [0, 1], got {label_smoothing}"
-    )
+    """The launchers' own checks (the public functions check more, with friendlier messages);
+    plain ``if``s: a launcher runs on real tensors, and a short GPU step pays every microsecond."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (B, C), got {tuple(logits.shape)}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be float32, float64, bfloat16 or float16, got {logits.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise ValueError(f"labels must be (B,) = ({logits.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if reduction not in (0, 1, 2):
+        raise ValueError(f"reduction code must be 0, 1 or 2, got {reduction}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     math_dtype = reference.compute_dtype(logits.dtype)
     for name, tensor in (("class_bias", class_bias), ("weight", weight)):
         if tensor is not None:
-            torch._check(
-                tensor.dim() == 1 and tensor.shape[0] == logits.shape[1],
-                lambda n=name: f"{n} must have shape (C,) = ({logits.shape[1]},)",
-            )
-            torch._check(tensor.dtype == math_dtype, lambda n=name: f"{n} must be {math_dtype}")
+            if tensor.dim() != 1 or tensor.shape[0] != logits.shape[1]:
+                shape = tuple(tensor.shape)
+                raise ValueError(f"{name} must have shape (C,) = ({logits.shape[1]},), got {shape}")
+            if tensor.dtype != math_dtype:
+                raise TypeError(f"{name} must be {math_dtype} for {logits.dtype} logits, got {tensor.dtype}")
 
 
 @dataclass
