@@ -17,9 +17,9 @@ using FusedCeOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 
 // Pieces of error messages as strings. Every number, shape and device in a message of this
 // extension goes through these (std::to_string; Device::str() lives in libc10), never through
-// an std::ostream: on an H200 machine (Python 3.12, torch 2.11 wheel, the extension built there
-// with its own compiler; 2026-11-27) each TORCH_CHECK of this extension whose message streamed an
-// integer killed the process with SIGSEGV, while messages of strings and dtype names raised.
+// an std::ostream: with the torch 2.11 wheel of the GPU machines (the extension built there with
+// their own compiler) each TORCH_CHECK of this extension whose message streamed an integer killed
+// the process with SIGSEGV, while messages of strings and dtype names raised.
 inline std::string num_str(int64_t value) { return std::to_string(value); }
 
 inline std::string shape_str(at::IntArrayRef sizes) {

@@ -1,6 +1,6 @@
 """gala_kernels: fused GALA (Gradient-Aware Logit Adjustment) loss kernels.
 
-See SPEC.md of the project for the exact contract; the public names are::
+The contract is docs/contract.md; the public names are::
 
     GALAState, GALALoss, fused_gala_ce, fused_linear_gala_ce, PredictionRebalancer, fit_tau, lt_accuracy,
     reference.gala_ce

@@ -2,7 +2,7 @@
 
 The classifier's ``C`` columns are split by ranges over the ranks of a process group: rank ``r``
 holds the weight rows / logit columns ``[c0, c1)`` and the matching slice of the GALA state
-(``GALAState(c1 - c0)``). Every rank sees the same rows and labels. Per row ``i`` (SPEC.md
+(``GALAState(c1 - c0)``). Every rank sees the same rows and labels. Per row ``i`` (docs/contract.md
 formulas; ``a`` = adjusted logits, math in fp32, fp64 for fp64 inputs):
 
     a[i, j]   = z[i, j] + lambda1 * log(pos_grad[j] + eps)           j in [c0, c1), local

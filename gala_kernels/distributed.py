@@ -1,4 +1,4 @@
-"""Summing the per-step GALA statistics over data-parallel ranks (SPEC.md, "With distributed data
+"""Summing the per-step GALA statistics over data-parallel ranks (docs/contract.md, "With distributed data
 parallel ...").
 
 Each rank computes the RAW statistics of its own rows (``raw`` (3, C), ``raw_pairwise`` (C, C),

@@ -1,4 +1,4 @@
-"""Out-of-range labels on CUDA, without stopping the host (SPEC "Errors and host synchronisation").
+"""Out-of-range labels on CUDA, without stopping the host (docs/contract.md, "Errors").
 
 A label that is neither ``ignore_index`` nor in ``[0, C)`` cannot be found without looking at the
 labels, and looking at device data from the host waits for the GPU. So a CUDA training step does

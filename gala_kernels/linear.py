@@ -2,7 +2,7 @@
 
 With ``C`` in the hundreds of thousands, the ``(B, C)`` logits (and their gradient, the same size
 again) dominate training memory: at B = 8192, C = 100,000 fp32 they are 3.3 GB each. This module
-never holds them at once. For each chunk of ``R`` rows (SPEC.md formulas, ``a`` = adjusted logits):
+never holds them at once. For each chunk of ``R`` rows (docs/contract.md formulas, ``a`` = adjusted logits):
 
     1. logits_c  = x_c @ W.T + b                                  (R, C), the only big buffer
     2. the backend's fused op (schema of gala::fused_ce_fwd) on logits_c, class_bias =
@@ -25,10 +25,9 @@ Default chunk rule (:func:`default_chunk_rows`): the chunk's logits take at most
 ``CHUNK_BYTES_CPU`` = 64 MiB on CPU and ``CHUNK_BYTES_CUDA`` = 1 GiB on CUDA (counted in fp32),
 in chunks of equal size, a multiple of 8 rows (tensor-core friendly row counts), at least 8 rows,
 at most B rows. The extra memory of a call is then a few chunk-sized buffers (logits, dlogits,
-the op's scratch) plus the gradients of ``x``, ``W`` and ``b``. On an H200 (2026-11-27,
-bench/results/linear_cuda.md) at B = 8192, C = 100,000 this rule's 4 chunks of 2048 rows ran 1.08x
-(fp32, D = 32) and 1.11x (bf16, D = 1024) the unchunked step; 256 MiB chunks of 664 rows ran
-1.47x and 1.68x: a few hundred long rows leave the GPU's SMs idle in the fused kernel.
+the op's scratch) plus the gradients of ``x``, ``W`` and ``b``. Why not smaller chunks on a GPU:
+a few hundred long rows leave the GPU's SMs idle in the fused kernel (docs/performance.md has the
+measurements, the ``linear`` benchmark repeats them).
 
 When one chunk holds the whole batch, the fused op gets the call's own reduction (``w_i = 1/N``
 inside the kernel) and ``grad_W = dlogits.T @ x`` is one matmul in the input dtype, exactly as

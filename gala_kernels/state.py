@@ -21,7 +21,7 @@ SCRATCH_SLOTS = 8
 
 
 class GALAState(nn.Module):
-    """Per-class gradient statistics (SPEC.md "State"), kept as float32 buffers.
+    """Per-class gradient statistics (docs/contract.md, "State"), kept as float32 buffers.
 
     - ``pos_grad`` (theta): accumulated positive logit-gradient magnitude of each class;
     - ``neg_grad`` (phi): accumulated negative gradient, attributed to the sample's class;
@@ -36,7 +36,7 @@ class GALAState(nn.Module):
 
     ``sync="auto"`` (default): under ``torch.distributed``, the raw increments of every step are
     summed over ``process_group`` (default: the world) before the fold, with ``s = 1/N_global``, so
-    every rank holds the state one process would after the concatenated global batch (SPEC.md).
+    every rank holds the state one process would after the concatenated global batch.
     ``sync=None`` keeps the statistics per rank.
     """
 

@@ -44,7 +44,7 @@ from gala_kernels.state import ACCUMULATIONS, SCRATCH_SLOTS
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # One C per kernel variant (the largest C of each register variant for a misaligned row start,
-# then one past it), and the odd sizes of the issue: 1, 2, 1000, 8142, > 64K.
+# then one past it), and odd sizes: 1, 2, 1000, 8142, > 64K.
 VARIANT_C = [1, 2, 253, 254, 509, 1000, 1021, 2045, 4093, 8142, 16381, 16389, 70001]
 
 

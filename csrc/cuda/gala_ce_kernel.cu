@@ -1,7 +1,7 @@
 // Fused GALA cross-entropy, CUDA: loss, gradient and per-class statistics in one pass per row;
 // for a training step (fused_ce_step_) also the class bias and the fold into the state.
 //
-// Per row i with label y (SPEC.md; weight and label smoothing as torch.nn.functional.cross_entropy):
+// Per row i with label y (docs/contract.md; weight and label smoothing as torch.nn.functional.cross_entropy):
 //   a[j]    = z[j] + class_bias[j]              class_bias = lambda1 * log(pos_grad + eps)
 //   m       = max_j a[j]
 //   S_other = sum_{j != y} exp(a[j] - m)        S = S_other + exp(a[y] - m)
@@ -877,7 +877,7 @@ __global__ void __launch_bounds__(kStreamedThreads,
 // occupancy allows). Each thread keeps 8 to 32 elements (32 to 128 bytes) of loads in flight, so
 // ~1024 threads per SM already cover the memory latency (Little's law: ~3.3 TB/s x ~1 us is a
 // few MB over all SMs); a larger grid would only add CTAs, hence more raw_clsneg flushes.
-// Provisional: to be tuned on the GPU with bench/bench_cuda.py.
+// Provisional: to be tuned on a GPU with the crossover benchmark (python -m gala_kernels bench crossover).
 struct Variant {
   const void* kernel = nullptr;
   int block_threads = 0;

@@ -1,6 +1,6 @@
 // The mass pass of post-hoc re-balancing, CUDA: column sums of the row softmax.
 //
-// SPEC.md, "Post-hoc prediction re-balancing":
+// docs/rebalancing.md, the mass pass:
 //   mass[j] = sum_i softmax(z[i, :])[j]
 // One call computes colsum[j] = sum_{i < B} p[i, j] and adds it into (or writes it to) `out`.
 // A row holding NaN or +inf, or -inf everywhere, has a NaN softmax (as torch.softmax) and adds
@@ -465,11 +465,8 @@ RowVariant pipelined_variant(const char* name, bool by_default) {
 // The row-kernel menu. Default rule: the first default candidate that holds the row (and fits
 // the device's shared memory): the register kernel with 16 values per thread (8 for fp64, whose
 // values take two registers) on the fewest threads from 32 to 1024. The pipelined variants (rows
-// must start on word boundaries) are benchmark alternatives (bench/bench_mass.py --sweep); on an
-// H200 the first of them, with the heavier per-row math of the time, ran slower than the register
-// kernel (bench/results/mass_cuda_1302Z.md: 2.33x a read against 1.67x) and, once both had the
-// lighter math of row_softmax_scale, 1.28x against 1.06x (mass_cuda.md; on bf16 1.94x against
-// 2.06x).
+// must start on word boundaries) are benchmark alternatives (`python -m gala_kernels bench mass
+// --sweep`); measured on a GPU they ran slower than the register kernel (docs/performance.md).
 template <typename T>
 const std::vector<RowVariant>& row_variants() {
   constexpr bool kDouble = std::is_same_v<T, double>;

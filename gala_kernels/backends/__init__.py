@@ -1,6 +1,6 @@
 """Which backend computes a call, and why a backend asked for by name is unavailable.
 
-Backends (SPEC.md): ``"torch"`` (the reference), ``"cpu"`` (C++ op), ``"triton"`` (GPU, or CPU
+Backends (docs/contract.md): ``"torch"`` (the reference), ``"cpu"`` (C++ op), ``"triton"`` (GPU, or CPU
 tensors under ``TRITON_INTERPRET=1``), ``"cuda"`` (CUDA C++ op). ``"auto"`` picks the fastest
 one built for the tensor's device: ``cpu`` for CPU tensors (else ``torch``); on CUDA tensors the
 rule in :func:`auto_cuda_backend`.
