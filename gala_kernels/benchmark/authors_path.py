@@ -1,15 +1,16 @@
-"""A faithful port of the authors' per-step GALA statistics path (SPEC.md), for parity and benchmarks.
+"""A faithful port of the authors' per-step GALA statistics path: a baseline, not library code.
 
 The GALA authors' training code shifts the logits by the accumulated statistics, computes the
 cross-entropy, then collects the statistics from the gradient of the loss taken on a detached
 copy of the (adjusted) logits: a Python loop over the batch adds each sample's gradient
 magnitudes into column ``y_i`` of a ``C x C`` matrix, the matrix is added into a running matrix,
 and every step the diagonal / off-diagonal row and column sums of the running matrix (masked with
-``eye``) are added to the state ("cumulative" folding).
+``eye``) are added to the state ("cumulative" folding, docs/contract.md).
 
-It is slow on purpose (a Python loop and ``C x C`` matrices): it is the baseline the fused
-kernels are measured against, and the oracle of ``tests/test_parity_authors.py``. It is not used
-by the library itself.
+It is slow on purpose (a Python loop and ``C x C`` matrices): it is the "authors' path" that
+``python -m gala_kernels bench step`` times the fused step against, and the oracle of
+``tests/test_parity_authors.py``. It lives in the benchmark package because the installed
+``gala-kernels bench`` command times it; the library itself never uses it.
 """
 
 from __future__ import annotations
