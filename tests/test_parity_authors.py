@@ -13,7 +13,7 @@ RTOL = 1e-6
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_twenty_steps_match_the_authors_port(backend):
+def test_twenty_steps_match_the_authors_path(backend):
     C, B, steps = 37, 48, 20
     g = torch.Generator().manual_seed(2024)
     authors = AuthorsGALA(C, lambda1=1.2, lambda2=0.9, eps=1e-3, dtype=torch.float64)

@@ -76,6 +76,13 @@ def behaviour_environment() -> Dict[str, str]:
     return {name: os.environ[name] for name in BEHAVIOUR_VARIABLES if name in os.environ}
 
 
+def command_line() -> str:
+    """The command that ran, as it was typed (``python -m gala_kernels ...`` for the module)."""
+    if sys.argv and sys.argv[0].endswith(os.path.join("gala_kernels", "__main__.py")):
+        return " ".join(["python -m gala_kernels", *sys.argv[1:]])
+    return " ".join(sys.argv)
+
+
 def now_utc() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -98,7 +105,7 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         "gala_kernels": package_version("gala_kernels"),
         "git_commit": git_commit(),
         "platform": platform.platform(),
-        "argv": " ".join(sys.argv),
+        "command": command_line(),
         "environment": behaviour_environment(),
         "load_average_start": load_average(),
     }

@@ -87,7 +87,7 @@ def markdown_table(records: Iterable[Record], columns: Sequence[Column], label_k
 
 META_KEYS = ("date_utc", "device", "gpu", "gpu_sm_count", "gpu_capability", "cpu_model", "cpu_cores",
              "cpu_capability", "memory_gib", "torch_threads", "python", "torch", "torch_cuda", "triton",
-             "liger_kernel", "git_commit", "argv", "environment", "load_average_start", "load_average_end",
+             "liger_kernel", "git_commit", "command", "environment", "load_average_start", "load_average_end",
              "total_seconds")
 
 ENVIRONMENT_NOTES = {

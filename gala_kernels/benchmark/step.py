@@ -32,13 +32,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 Shape = Tuple[int, int, str]  # (B, C, dtype name)
 
-# Shapes when none are given: (device type, mode) -> (batches, classes, dtypes) as a product, or a list.
-DEFAULT_SHAPES: Dict[Tuple[str, str], object] = {
-    ("cpu", "full"): ([512], [8142, 32768, 131072], ["float32", "bfloat16"]),
-    ("cpu", "quick"): ([256], [2048, 8142], ["float32"]),
+# Shapes when none are given, by (device type, mode); the first one also gives the dimensions that
+# --batch, --classes and --dtype do not override.
+CPU_FULL = [(512, classes, dtype) for dtype in ("float32", "bfloat16") for classes in (8142, 32768, 131072)]
+DEFAULT_SHAPES: Dict[Tuple[str, str], List[Shape]] = {
+    ("cpu", "full"): CPU_FULL,
+    ("cpu", "quick"): [(256, 2048, "float32"), (256, 8142, "float32")],
     ("cuda", "full"): [(512, 8142, "float32"), (4096, 8142, "bfloat16"), (8192, 32768, "bfloat16"),
                        (2048, 131072, "bfloat16")],
-    ("cuda", "quick"): ([4096], [8142, 32768], ["bfloat16"]),
+    ("cuda", "quick"): [(4096, 8142, "bfloat16"), (4096, 32768, "bfloat16")],
     ("cpu", "dry_run"): [(8, 37, "float32"), (6, 70, "bfloat16")],
     ("cuda", "dry_run"): [(8, 37, "float32"), (6, 70, "bfloat16")],
 }
@@ -119,23 +121,18 @@ def mode_of(args: argparse.Namespace) -> str:
 
 def select_shapes(args: argparse.Namespace, device: torch.device,
                   profile: Optional[List[float]]) -> List[Shape]:
-    """``--shapes``, else the product of ``--batch``, ``--classes`` and ``--dtype``, each defaulting
-    to the device's default sweep (where that is a list of shapes: to its first shape)."""
+    """``--shapes``; else the device's default shapes; else, when ``--batch``, ``--classes``,
+    ``--dtype`` or ``--class-freq`` is given, their product, each dimension not given taken from
+    the first default shape (``--class-freq``: as many classes as the profile)."""
     if args.shapes:
         return parse_shapes(args.shapes)
     default = DEFAULT_SHAPES[(device.type, mode_of(args))]
-    overridden = args.dtype is not None or args.classes is not None or args.batch is not None
-    if isinstance(default, list):
-        if not overridden and profile is None:
-            return list(default)
-        first_batch, first_classes, first_dtype = default[0]
-        default = ([first_batch], [first_classes], [first_dtype])
-    batches, classes, dtypes = default
-    if profile is not None:
-        classes = [len(profile)]
-    dtypes = _csv(args.dtype, _dtype_name, dtypes)
-    classes = _csv(args.classes, int, classes)
-    batches = _csv(args.batch, int, batches)
+    if args.dtype is None and args.classes is None and args.batch is None and profile is None:
+        return list(default)
+    first_batch, first_classes, first_dtype = default[0]
+    dtypes = _csv(args.dtype, _dtype_name, [first_dtype])
+    classes = _csv(args.classes, int, [len(profile) if profile is not None else first_classes])
+    batches = _csv(args.batch, int, [first_batch])
     return [(b, c, d) for d in dtypes for b in batches for c in classes]
 
 
