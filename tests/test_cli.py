@@ -110,12 +110,12 @@ def test_bench_linear_cpu_measures_every_case_in_its_own_process(tmp_path):
     for record in records.values():
         assert record["status"] == "ok", record
         assert len(record["peak_added_mib"]) == 2 and len(record["step_ms"]) == 2
-    assert records["full"]["peak_vs_full"] == pytest.approx(1.0)
+    # None when the full case adds no page at this tiny size (a ratio to zero)
+    assert records["full"]["peak_vs_full"] in (None, pytest.approx(1.0))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
-@pytest.mark.parametrize("args", [("crossover",), ("mass", "--device", "cuda"),
-                                  ("linear", "--device", "cuda"), ("step", "--device", "cuda")])
+@pytest.mark.parametrize("args", [("crossover",), ("mass", "--device", "cuda")])
 def test_gpu_benchmarks_say_clearly_that_they_need_a_gpu(args):
     completed = run_cli("bench", *args, expect_ok=False, timeout=120)
     assert completed.returncode != 0
