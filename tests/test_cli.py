@@ -58,6 +58,7 @@ def test_bench_without_a_sub_benchmark_runs_step_quick(tmp_path):
         must_run += ["fused_cpu", "fused_op_cpu"]
     for name, record in records.items():
         assert (record["batch"], record["classes"], record["dtype"]) == (batch, classes, "float32")
+        assert record["auto_backend"] == ("cpu" if "fused_cpu" in must_run else "torch")
         if name in must_run:
             assert record["status"] == "ok", record
         if record["status"] == "ok":

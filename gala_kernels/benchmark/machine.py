@@ -114,7 +114,8 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         info.update(gpu=torch.cuda.get_device_name(device), gpu_sm_count=props.multi_processor_count,
                     gpu_capability=f"{props.major}.{props.minor}",
                     gpu_l2_bytes=int(getattr(props, "L2_cache_size", 0)),
-                    gpu_memory_gib=round(props.total_memory / 2**30, 1))
+                    gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    cuda_archs_requested=os.environ.get("GALA_CUDA_ARCHS"))
     return info
 
 

@@ -85,8 +85,9 @@ def markdown_table(records: Iterable[Record], columns: Sequence[Column], label_k
 
 # ---------------------------------------------------------------- documents
 
-META_KEYS = ("date_utc", "device", "gpu", "gpu_sm_count", "gpu_capability", "cpu_model", "cpu_cores",
-             "cpu_capability", "memory_gib", "torch_threads", "python", "torch", "torch_cuda", "triton",
+META_KEYS = ("date_utc", "device", "gpu", "gpu_sm_count", "gpu_capability", "cuda_archs_requested",
+             "cpu_model", "cpu_cores", "cpu_capability", "memory_gib", "torch_threads", "python", "torch",
+             "torch_cuda", "triton",
              "liger_kernel", "git_commit", "command", "environment", "load_average_start", "load_average_end",
              "total_seconds")
 

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import backends
 from . import step_report
 from .machine import load_average, machine_info, resolve_device
 from .memory import memory_method, peak_extra_memory
@@ -280,11 +281,12 @@ def run(args: argparse.Namespace) -> Dict:
                                    count=1 if args.dry_run else 0)
         labels = make_labels(case, profile, args.seed)
         dtype_name = str(case.dtype).replace("torch.", "")
+        auto = backends.resolve("auto", rotation.buffers[0], shape=(case.batch, case.classes))
         for record in measure_case(case, implementations, rotation, labels, budget, slow_budget, progress,
                                    args.seed):
             records.append({"device": device.type, "dtype": dtype_name, "batch": case.batch,
                             "classes": case.classes, "bytes": case.step_bytes, "grad_bytes": case.grad_bytes,
-                            "buffers_rotated": len(rotation.buffers), **record})
+                            "buffers_rotated": len(rotation.buffers), "auto_backend": auto, **record})
         del rotation
         gc.collect()
         if device.type == "cuda":

@@ -172,7 +172,8 @@ def markdown(meta: Record, records: List[Record], head: Optional[Record], plot_n
     if plot_name:
         sections.append(("", f"![median time per step against C, copy floors dashed/dotted]({plot_name})"))
     for (device, dtype, batch, classes), rows in group_by_case(records).items():
-        sections.append((f"{dtype}, B = {batch}, C = {classes:,} ({device})", case_table(rows)))
+        picks = f"; backend='auto' picks {rows[0]['auto_backend']!r}" if device == "cuda" else ""
+        sections.append((f"{dtype}, B = {batch}, C = {classes:,} ({device}{picks})", case_table(rows)))
     notes = [f"timing: {meta['timing']}", f"memory: {meta['memory']}", f"labels: {meta['labels']}"]
     if meta.get("dry_run"):
         notes.insert(0, "**dry run**: tiny shapes, the Triton interpreter on CPU; these times mean nothing.")
