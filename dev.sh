@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine (Python 3.11, gcc; nvcc optional):
-#   ./dev.sh bench [args]   set everything up, then run the benchmark (the main job)
+#   ./dev.sh bench [args]   set everything up, then run python -m gala_kernels bench (the main job)
 #   ./dev.sh demo [args]    set everything up, then run the long-tailed training demo
 #   ./dev.sh test [args]    set everything up, then lint and run the test suite
 #   ./dev.sh setup          only set up

@@ -13,7 +13,7 @@ linear classifier ``dim -> C``, cheaper and enough for Gaussian clusters) is tra
 initialisation and on the same batches twice: with ``F.cross_entropy``, then with
 :class:`gala_kernels.GALALoss` (SGD, momentum 0.9, weight decay 5e-4, cosine schedule). The
 test set is scored three ways: CE, GALA, and GALA + re-balancing
-(``argmax_j z_ij - tau * log(mass_j)``, SPEC.md, ``tau`` fitted on the validation split).
+(``argmax_j z_ij - tau * log(mass_j)``, docs/rebalancing.md, ``tau`` fitted on the validation split).
 Accuracies are balanced (the test set is), overall and per shot group (many > 100 training
 samples, medium 20..100, few < 20). It also times a GALA training step with the fused backend
 (``backend="auto"``) against the eager reference (``backend="torch"``) side by side.

@@ -1,6 +1,6 @@
 """Long-tailed evaluation: balanced accuracy overall and per shot group.
 
-As in the long-tailed literature (SPEC.md, "Shot groups for reporting"):
+As in the long-tailed literature (docs/rebalancing.md, "Long-tailed accuracy"):
 
 * per-class accuracy ``acc[c] = #{i : y_i = c, pred_i = c} / #{i : y_i = c}``;
 * ``overall`` = balanced accuracy = mean of ``acc[c]`` over the classes present in the

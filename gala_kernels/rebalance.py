@@ -1,14 +1,14 @@
 """Post-hoc prediction re-balancing (the GALA paper's second contribution), streaming.
 
-SPEC.md, "Post-hoc prediction re-balancing", over an evaluation set of M rows of logits z::
+docs/rebalancing.md, over an evaluation set of M rows of logits z::
 
     mass[j]  = sum_i softmax(z[i, :])[j]           (column L1 norm of the probabilities)
     score    = z[i, j] - tau * log(mass[j])        (argmax-equivalent to p[i, j] / mass[j]**tau)
     pred_i   = argmax_j score[i, j]
 
 ``mass`` is accumulated batch by batch in float64, in O(C) memory (never the M x C matrix), by a
-fused mass pass (row logsumexp then column sums of the probabilities: the C++ op on CPU, Triton
-on CUDA; see :mod:`gala_kernels.mass_ops`).
+fused mass pass (a row softmax, then column sums of the probabilities: the C++ op on CPU, the
+CUDA C++ op or Triton on CUDA; see :mod:`gala_kernels.mass_ops`).
 
 Conventions (documented choices):
 
@@ -128,7 +128,7 @@ class PredictionRebalancer(nn.Module):
             return
         mass_ops.accumulate_softmax_colsum(logits.detach(), self.mass, backend=self.backend)
         # In place, and plain attributes set through __dict__: nn.Module.__setattr__ costs a few
-        # microseconds per call, a good part of a streamed GPU update (bench/bench_mass.py).
+        # microseconds per call, a good part of a streamed GPU update (`bench mass`).
         self.num_rows.add_(logits.shape[0])
         state = self.__dict__
         state["_has_rows"] = True

@@ -1,19 +1,19 @@
 """Parity with the authors' code: 20 steps of their per-step statistics path (a Python loop into
 a C x C matrix, eye masks, row and column sums, cumulative folding, the loss's gradient taken on a
-detached copy; gala_kernels/authors_port.py) against our fused step, C = 37, repeated labels."""
+detached copy; gala_kernels/benchmark/authors_path.py) against our fused step, C = 37, repeated labels."""
 
 import pytest
 import torch
 from test_fused_ce import CPU_BACKENDS
 
 import gala_kernels as gk
-from gala_kernels.authors_port import AuthorsGALA
+from gala_kernels.benchmark.authors_path import AuthorsGALA
 
 RTOL = 1e-6
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_twenty_steps_match_the_authors_port(backend):
+def test_twenty_steps_match_the_authors_path(backend):
     C, B, steps = 37, 48, 20
     g = torch.Generator().manual_seed(2024)
     authors = AuthorsGALA(C, lambda1=1.2, lambda2=0.9, eps=1e-3, dtype=torch.float64)

@@ -115,18 +115,14 @@ def test_cifar100_lt_from_a_local_copy(train, tmp_path):
 
 
 def _aborted_at_exit_after_finishing(done: subprocess.CompletedProcess) -> bool:
-    """A known flake of the 2-rank gloo run, outside this package: after the whole run (its last
-    line, the test accuracy, printed), one rank's interpreter aborts during exit with "terminate
-    called without an active exception". A core dump (gdb, 2026-11-27) shows why: while the main
-    thread is in Py_FinalizeEx, a ProcessGroupGloo worker thread (runLoop) destroys a finished
-    AsyncBarrierWork; the saved at::ThreadLocalState of the work it holds releases a Python
-    object, whose decref takes the GIL from that thread; CPython ends a thread that takes the GIL
-    during finalization with pthread_exit, and the forced unwind through a noexcept destructor
-    calls std::terminate. Measured on the 2-core VM (torch 2.13.0): 1 run in 40, 1 in 21, 1 in
-    18; with a barrier and the DDP wrapper dropped before destroy_process_group, still 1 in 12.
-    The example now also collects the wrapper (gc) first, so the process group and its workers
-    go before finalization: 90 of 90 runs clean. Such a run is still retried once, as a safety
-    net; any other failure, or a second abort, fails the test."""
+    """A known failure of 2-rank gloo runs, outside this package: after the whole run (its last
+    line, the test accuracy, printed), one rank's interpreter can abort during exit with
+    "terminate called without an active exception". While the main thread is in Py_FinalizeEx, a
+    ProcessGroupGloo worker thread destroys a finished work whose saved thread-local state
+    releases a Python object; a thread that takes the GIL during finalization is ended with
+    pthread_exit, and the forced unwind through a noexcept destructor calls std::terminate. The
+    example collects its DDP wrapper and destroys the process group before it exits, which avoids
+    it; such a run is still retried once. Any other failure, or a second abort, fails the test."""
     output = done.stdout + done.stderr
     return (done.returncode != 0 and "terminate called without an active exception" in output
             and "test accuracy" in done.stdout)

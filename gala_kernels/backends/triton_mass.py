@@ -1,6 +1,6 @@
 """Triton kernels for the mass pass of post-hoc re-balancing.
 
-SPEC.md, "Post-hoc prediction re-balancing"::
+docs/rebalancing.md::
 
     mass[j] = sum_i softmax(z[i, :])[j]
 
@@ -26,6 +26,9 @@ deterministic one.
 
 Runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was
 imported (the tests do that through tests/conftest.py).
+
+This module depends on nothing of the package above ``backends``: :mod:`gala_kernels.mass_ops`
+imports it, never the other way round.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import mass_ops
 from . import triton_interpret_enabled
 
 # Widest row kept whole in one block (registers of one program): 16384 fp32 over 16 warps is
@@ -48,8 +50,9 @@ TILE_ROWS = 16
 TILE_COLS = 1024
 # Programs per SM the row kernel aims at, and the fewest rows a program handles (bounds the
 # atomics to 1/MIN_ROWS_PER_PROGRAM of the logits' elements). Each program ends with C atomics:
-# on an H200 (24,426 x 8,142 fp32, bench/results/mass_cuda.md) 2 programs per SM beat 4 and 8 at
-# every tile shape tried, and one row per tile with 16 warps beat 2 and 4 rows.
+# on an H200 (24,426 x 8,142 fp32) 2 programs per SM beat 4 and 8 at every tile shape tried, and
+# one row per tile with 16 warps beat 2 and 4 rows (`bench mass --device cuda --sweep` times the
+# two best settings beside the rule's; docs/performance.md).
 PROGRAMS_PER_SM = 2
 MIN_ROWS_PER_PROGRAM = 4
 # Most rows in one tile of the row kernel.
@@ -136,6 +139,11 @@ def _colsum_tiles_kernel(
         tl.atomic_add(out_ptr + cols, tl.sum(p, axis=0).to(out_ptr.dtype.element_ty), mask=col_mask)
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The sums' dtype: float64 for float64 logits, else float32 (whatever the input precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 @functools.cache
 def _multiprocessor_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -171,12 +179,12 @@ def softmax_colsum_triton(
     """Launch the mass pass: ``out += colsum`` (``out`` = zeros in the math dtype when None).
 
     ``out`` must be a contiguous ``(C,)`` float32/float64 tensor on the logits' device. The other
-    keywords override the launch rule (tests and ``bench/bench_mass.py``'s sweep use them).
+    keywords override the launch rule (tests and ``bench mass --sweep`` use them).
     """
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     B, C = logits.shape
-    acc_dtype = mass_ops.math_dtype(logits.dtype)
+    acc_dtype = accumulation_dtype(logits.dtype)
     if out is None:
         out = torch.zeros(C, dtype=acc_dtype, device=logits.device)
     elif not (out.shape == (C,) and out.is_contiguous() and out.device == logits.device
@@ -211,7 +219,10 @@ def _softmax_colsum_op(logits: torch.Tensor) -> torch.Tensor:
     return softmax_colsum_triton(logits)
 
 
-_softmax_colsum_op.register_fake(mass_ops.softmax_colsum_fake)
+@_softmax_colsum_op.register_fake
+def _softmax_colsum_fake(logits: torch.Tensor) -> torch.Tensor:
+    torch._check(logits.dim() == 2, lambda: "logits must be 2-D (B, C)")
+    return logits.new_empty((logits.shape[1],), dtype=accumulation_dtype(logits.dtype))
 
 
 def softmax_colsum_op():

@@ -1,0 +1,190 @@
+"""Development tool: compile the Triton GALA kernels for a GPU target without a GPU; print their resources.
+
+The real Triton compiler (not the interpreter) lowers each kernel to PTX and a cubin for the target
+(default sm_90, H100/H200); ``cuobjdump --dump-resource-usage`` (shipped with Triton) then gives
+registers per thread and stack (spill) bytes. This is how the launch rule in
+``gala_kernels/backends/triton_gala.py`` is sized, and a compile check that runs on any machine:
+it catches what the interpreter cannot (types of loop-carried values, unsupported operations,
+registers).
+
+    python tools/ptx_resources.py                 # every kernel, the configs the rule picks
+    python tools/ptx_resources.py --quick         # one line per kernel (the test suite runs this)
+
+TRITON_INTERPRET must be unset (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from gala_kernels.backends import triton_ce_kernels as kernels
+from gala_kernels.backends import triton_gala
+
+# pointer arguments of the kernels that are not float32, by name ({dtype} = the logits dtype)
+POINTER_TYPES = {
+    "logits_ptr": "*{dtype}",
+    "grad_ptr": "*{dtype}",
+    "loss_ptr": "*{dtype}",
+    "labels_ptr": "*i64",
+    "counts_ptr": "*i64",
+    "label_error_ptr": "*i64",
+    "steps_ptr": "*i64",
+    "nonfinite_ptr": "*i64",
+    "grad_output_ptr": "*fp32",
+}
+FLOAT_SCALARS = ("lambda1", "eps", "label_smoothing", "ema_beta")
+
+
+def compile_kernel(fn, constexprs, *, dtype="bf16", num_warps=4, capability=90):
+    """``triton.compile`` of one kernel for one set of compile-time switches."""
+    signature = {}
+    for name, param in zip(fn.arg_names, fn.params):
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_TYPES.get(name, "*fp32").format(dtype=dtype)
+        else:
+            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps})
+
+
+def resource_usage(compiled) -> str:
+    """``REG:n STACK:m`` of the compiled cubin, from Triton's bundled cuobjdump."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+    match = re.search(r"REG:\d+ STACK:\d+", out.stdout)
+    return match.group(0) if match else "unknown"
+
+
+def loss_switches(config, *, training=True, weight=False, smoothing=False, reduction=1, pairwise=False):
+    """The constexprs of a loss kernel: a training step (bias from the state, fold) or plain CE."""
+    return dict(
+        REDUCTION=reduction,
+        BIAS_MODE=triton_gala.BIAS_FROM_STATE if training else triton_gala.BIAS_NONE,
+        HAS_WEIGHT=weight,
+        HAS_SMOOTHING=smoothing,
+        COMPUTE_STATS=training,
+        TRACK_PAIRWISE=pairwise,
+        WRITE_COUNTS=not training,
+        RECORD_BAD_LABELS=training,
+        FOLD=training and not pairwise,
+        ACCUMULATION=0,
+        COMPUTE_FP64=False,
+        BLOCK_C=config.block_c,
+        ROWS_PER_TILE=config.rows_per_tile,
+        FOLD_BLOCK=triton_gala.FOLD_BLOCK,
+    )
+
+
+def variants(quick: bool):
+    """``(description, kernel, constexprs, num_warps)`` of what to compile."""
+    shapes = (
+        [(512, 8142), (8192, 32768)]
+        if quick
+        else [(4096, 37), (4096, 1000), (512, 8142), (8192, 32768), (2048, 131072)]
+    )
+    options = (
+        [dict()]
+        if quick
+        else [
+            dict(),
+            dict(weight=True, smoothing=True),
+            dict(training=False, reduction=0),
+            dict(pairwise=True, reduction=2),
+        ]
+    )
+    for B, C in shapes:
+        config = triton_gala.choose_config(B, C)
+        for flags in options:
+            switches = loss_switches(config, **flags)
+            label = f"{B} x {C} rows={config.rows_per_tile} block={config.block_c} "
+            label += f"warps={config.num_warps} {flags}"
+            if config.single_block:
+                yield (
+                    label,
+                    kernels.gala_ce_rows_kernel,
+                    dict(switches, COUNT_IN_KERNEL=True, LABEL_BLOCK=triton_gala.LABEL_BLOCK),
+                    config.num_warps,
+                )
+            else:
+                yield (
+                    label,
+                    kernels.gala_ce_partials_kernel,
+                    {
+                        k: switches[k]
+                        for k in (
+                            "BIAS_MODE",
+                            "HAS_WEIGHT",
+                            "HAS_SMOOTHING",
+                            "COMPUTE_FP64",
+                            "BLOCK_C",
+                            "ROWS_PER_TILE",
+                        )
+                    },
+                    config.num_warps,
+                )
+                yield (
+                    label,
+                    kernels.gala_ce_columns_kernel,
+                    dict(switches, SLICE_BLOCK=min(triton_gala.MAX_SLICE_BLOCK, C // config.block_c)),
+                    config.num_warps,
+                )
+    yield (
+        "count rows",
+        kernels.gala_count_rows_kernel,
+        dict(HAS_WEIGHT=True, COMPUTE_FP64=False, LABEL_BLOCK=triton_gala.LABEL_BLOCK),
+        4,
+    )
+    yield (
+        "fold (pairwise)",
+        kernels.gala_fold_kernel,
+        dict(
+            ACCUMULATION=0,
+            TRACK_PAIRWISE=True,
+            FOLD_BLOCK=triton_gala.FOLD_BLOCK,
+            PAIRWISE_BLOCK=triton_gala.PAIRWISE_FOLD_BLOCK,
+        ),
+        16,
+    )
+    yield (
+        "scale grad",
+        kernels.scale_grad_kernel,
+        dict(COMPUTE_FP64=False, BLOCK=triton_gala.SCALE_BLOCK),
+        4,
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few variants only")
+    parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = parser.parse_args(argv)
+    if triton_gala.triton_interpret_enabled():
+        print("TRITON_INTERPRET is set: unset it to run the compiler", file=sys.stderr)
+        return 2
+    print(f"| kernel | variant | sm_{args.capability} usage ({args.dtype}) |")
+    print("|---|---|---|")
+    for label, fn, constexprs, num_warps in variants(args.quick):
+        compiled = compile_kernel(
+            fn, constexprs, dtype=args.dtype, num_warps=num_warps, capability=args.capability
+        )
+        print(f"| {fn.__name__} | {label} | {resource_usage(compiled)} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
