@@ -175,7 +175,8 @@ def fused_gala_ce(
         if inplace_backward:
             loss, raw, raw_pairwise, counts = backends.triton_inplace_fused_ce(*args)
         else:
-            loss, _grad, raw, raw_pairwise, counts = call_fused_ce(backends.fused_ce_op(name), *args)
+            loss, _grad, raw, raw_pairwise, counts = call_fused_ce(
+                backends.fused_ce_op(name), *args, scale_op=device_step.scale_op_for(name, logits.device))
     if compute_stats:
         folding.fold_step(state, reference.StepStatistics(raw, raw_pairwise if pairwise else None, counts))
     return loss

@@ -41,38 +41,26 @@ def _is_eager(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and not torch.compiler.is_compiling()
 
 
-def device_scale_op(device: torch.device):
-    """The in-place scaling op for a GPU tensor (``scale_grad_`` of the CUDA extension, else
-    Triton's), or None."""
-    if device.type != "cuda":
-        return None
-    if _extension.has_kernel("scale_grad_", "CUDA"):
-        return torch.ops.gala.scale_grad_
-    from .backends import triton_gala
-
-    return triton_gala.scale_grad if triton_gala.availability(device)[0] else None
-
-
 def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor, *, applied=None, scale_op=None):
     """``(grad * grad_output, scaled_in_place)`` for a backward whose gradient was made in the forward.
 
-    The common ``grad_output`` of 1 costs nothing in eager calls: a CPU tensor's value is read on the
-    host (free there); on a GPU a scaling kernel (``scale_op``, or :func:`device_scale_op`) reads
-    it on the device, without a host synchronisation, and scales ``grad`` in place, returning at
-    once when it is 1. ``applied``: the ``grad_output`` an earlier backward of the same graph
-    (``retain_graph``) scaled ``grad`` by in place; then the ratio is applied, out of place.
+    The common ``grad_output`` of 1 costs nothing in eager calls: with a backend's in-place scaling
+    op (``scale_op``, ``scale_grad_``) a kernel reads it on the device, without a host
+    synchronisation, and scales ``grad`` in place, returning at once when it is 1; without one, a
+    CPU tensor's value is read on the host (free there). ``applied``: the ``grad_output`` an
+    earlier backward of the same graph (``retain_graph``) scaled ``grad`` by in place; then the
+    ratio is applied, out of place.
     """
     if not _is_eager(grad_output) or type(grad) is not torch.Tensor:
         return grad * grad_output.to(grad.dtype), False
     if applied is not None:
         return grad * (grad_output / applied).to(grad.dtype), False
-    if scale_op is None and grad.device.type == "cpu":  # item: ~1 us on CPU, `== 1` ~15 us
+    if scale_op is not None and grad.is_contiguous():
+        scale_op(grad, grad_output)
+        return grad, True
+    if grad.device.type == "cpu":  # item: ~1 us on CPU, `== 1` ~15 us
         return (grad if grad_output.item() == 1 else grad * grad_output.to(grad.dtype)), False
-    scale_op = scale_op or device_scale_op(grad.device)
-    if scale_op is None or not grad.is_contiguous():
-        return grad * grad_output.to(grad.dtype), False
-    scale_op(grad, grad_output)
-    return grad, True
+    return grad * grad_output.to(grad.dtype), False
 
 
 def scale_saved_grad(ctx, grad: torch.Tensor, grad_output: torch.Tensor, reduction: int,
@@ -106,7 +94,10 @@ def _setup_context(ctx, inputs, output):
 def backward_from_saved_grad(ctx, grad_loss, *_grads_of_other_outputs):
     """The backward of every fused op: the saved gradient, scaled by ``grad_output`` when needed."""
     (grad,) = ctx.saved_tensors
-    grad_logits = None if grad_loss is None else scale_saved_grad(ctx, grad, grad_loss, ctx.reduction)
+    scale_op = getattr(ctx, "scale_op", None)
+    if grad_loss is None:
+        return (None,) * ctx.num_inputs
+    grad_logits = scale_saved_grad(ctx, grad, grad_loss, ctx.reduction, scale_op)
     return (grad_logits,) + (None,) * (ctx.num_inputs - 1)  # nothing else is differentiable
 
 
@@ -129,26 +120,29 @@ class _EagerFusedCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, op, *inputs):
+    def forward(ctx, op, scale_op, *inputs):
         with torch._C._AutoDispatchBelowAutograd():
             outputs = op(*inputs)
         _setup_context(ctx, inputs, outputs)
+        ctx.scale_op = scale_op
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
     @staticmethod
     def backward(ctx, grad_loss, *grads_of_other_outputs):
-        return (None,) + backward_from_saved_grad(ctx, grad_loss, *grads_of_other_outputs)
+        return (None, None) + backward_from_saved_grad(ctx, grad_loss, *grads_of_other_outputs)
 
 
-def call_fused_ce(op, *inputs):
+def call_fused_ce(op, *inputs, scale_op=None):
     """``op(*inputs)`` with autograd: the registered autograd under ``torch.compile`` (and for
-    tensor subclasses), the same backward through :class:`_EagerFusedCE` in plain eager calls."""
+    tensor subclasses), the same backward through :class:`_EagerFusedCE` in plain eager calls,
+    where ``scale_op`` (the backend's ``scale_grad_``, for GPU tensors) scales the gradient in place
+    without a host synchronisation."""
     logits = inputs[0]
     if torch.compiler.is_compiling() or type(logits) is not torch.Tensor or not (
             torch.is_grad_enabled() and logits.requires_grad):
         return op(*inputs)
-    return _EagerFusedCE.apply(op, *inputs)
+    return _EagerFusedCE.apply(op, scale_op, *inputs)
 
 
 _registered_native = False

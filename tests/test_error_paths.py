@@ -25,10 +25,13 @@ z = torch.randn(6, 10, device=dev); y = torch.randint(0, 10, (6,), device=dev)
 
 # name: (statement, the exception it must raise)
 CASES = {
-    "1-D logits": ("op(z[0], y, None, -100, 1, True, False)", "ValueError"),
-    "int32 labels": ("op(z, y.int(), None, -100, 1, True, False)", "TypeError"),
-    "label out of range": ("y[4] = 10; op(z, y, None, -100, 1, True, False)", "ValueError"),
-    "reduction code 3": ("op(z, y, None, -100, 3, True, False)", "ValueError"),
+    "1-D logits": ("op(z[0], y, None, None, -100, 1, 0.0, True, False)", "ValueError"),
+    "int32 labels": ("op(z, y.int(), None, None, -100, 1, 0.0, True, False)", "TypeError"),
+    "label out of range": ("y[4] = 10; op(z, y, None, None, -100, 1, 0.0, True, False)", "ValueError"),
+    "reduction code 3": ("op(z, y, None, None, -100, 3, 0.0, True, False)", "ValueError"),
+    "weight of the wrong size": ("op(z, y, None, torch.ones(9, device=dev), -100, 1, 0.0, True, False)",
+                                 "ValueError"),
+    "label_smoothing above 1": ("op(z, y, None, None, -100, 1, 1.5, True, False)", "ValueError"),
     "TORCH_CHECK in an aten op": ("torch.empty(2, device=dev).view(3)", "RuntimeError"),
     "mass: out of the wrong size": (
         "torch.ops.gala.softmax_colsum_add_(z, torch.zeros(9, device=dev, dtype=torch.float64))",

@@ -11,11 +11,6 @@ from typing import Dict, List, Set
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "gala_kernels"
 
-# Edges of cycles that the code still has; each entry is (importer, imported).
-KNOWN_CYCLE_EDGES = {
-    ("gala_kernels.reference", "gala_kernels.distributed"),  # fold_increments -> sync_step_statistics
-    ("gala_kernels.backends.triton_gala", "gala_kernels.backends"),  # triton_interpret_enabled, ops
-}
 # What the library must never import: the command line, the benchmarks and the demo sit above it.
 TOOLS = ("gala_kernels.benchmark", "gala_kernels.demo", "gala_kernels.__main__")
 
@@ -110,15 +105,7 @@ def cycles(graph: Dict[str, Set[str]]) -> List[List[str]]:
 
 
 def test_no_import_cycles():
-    graph = import_graph()
-    pruned = {name: {d for d in deps if (name, d) not in KNOWN_CYCLE_EDGES} for name, deps in graph.items()}
-    assert cycles(pruned) == []
-
-
-def test_known_cycle_edges_still_exist():
-    """An entry of KNOWN_CYCLE_EDGES that the code no longer has must leave the list."""
-    graph = import_graph()
-    assert [edge for edge in KNOWN_CYCLE_EDGES if edge[1] not in graph.get(edge[0], set())] == []
+    assert cycles(import_graph()) == []
 
 
 def test_the_library_does_not_import_its_tools():

@@ -12,7 +12,6 @@ step ops of :mod:`.step` (no host synchronisation, the fold on the device).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable, Optional, Tuple
@@ -21,6 +20,7 @@ import torch
 
 from .. import _extension, ops
 from . import cuda_rule, reference_op
+from .interpret import triton_interpret_enabled  # noqa: F401 (re-exported)
 
 BACKENDS = ("auto", "torch", "cpu", "triton", "cuda")
 
@@ -29,12 +29,6 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here; the message says why and how to get it."""
 
 
-def triton_interpret_enabled() -> bool:
-    """Whether Triton kernels run in its interpreter (CPU tensors), as TRITON_INTERPRET says."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# defined before this import: the Triton modules use triton_interpret_enabled
 try:  # imported eagerly: torch.compile cannot trace a lazy importlib call
     from . import triton_gala as _triton_gala  # never raises when triton itself is missing
 except ImportError:  # pragma: no cover

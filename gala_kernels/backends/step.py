@@ -28,28 +28,18 @@ ratio of the two ``grad_output`` values; under torch.compile the backward is a p
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
 from .. import _extension, distributed, label_errors
 from ..ops import scale_saved_grad
 from ..state import ACCUMULATIONS, GALAState
+from . import triton_gala
+from .step_ops import StepOps, run_step_op, state_tensors, step_fake
 
-
-class StepOps(NamedTuple):
-    """The device ops of one backend (schemas in csrc/torch_bindings.cpp)."""
-
-    step: object  # fused_ce_step_ -> (loss, grad)
-    step_inplace: Optional[object]  # the same, the gradient written into the logits -> loss
-    fold: object  # fold_step_
-    scale: object  # scale_grad_
-
-
-def _triton():
-    from . import triton_gala
-
-    return triton_gala
+__all__ = ["StepOps", "applies", "ops_for", "run_step_op", "state_tensors", "step_fake", "folds_in_kernel",
+           "fold_pending", "training_step", "scale_op_for"]
 
 
 def applies(name: str, logits: torch.Tensor) -> bool:
@@ -58,7 +48,7 @@ def applies(name: str, logits: torch.Tensor) -> bool:
         return _extension.has_kernel("fused_ce_step_", "CUDA")
     if name == "triton":
         # float64 on a GPU: Triton's fp64 transcendentals are not relied upon (fused_ce_fwd's fallback)
-        return _triton().HAS_TRITON and not (logits.dtype == torch.float64 and logits.device.type == "cuda")
+        return triton_gala.HAS_TRITON and not (logits.dtype == torch.float64 and logits.device.type == "cuda")
     return False
 
 
@@ -76,12 +66,18 @@ def _register_native_fakes() -> None:
     _native_fakes_registered = True
 
 
-def step_fake(logits, labels, weight, stats, running, steps, nonfinite_rows, scratch, raw_pairwise,
-              label_error, lambda1, eps, ignore_index, reduction, label_smoothing, accumulation, ema_beta,
-              fold, row_offset):
-    """Shapes of ``fused_ce_step_``'s outputs: the loss ((B,) for reduction "none") and the gradient."""
-    loss = logits.new_empty((logits.shape[0],) if reduction == 0 else ())
-    return loss, torch.empty_like(logits, memory_format=torch.contiguous_format)
+def scale_op_for(name: str, device: torch.device):
+    """The in-place ``scale_grad_`` of backend ``name`` for a backward on ``device``, or None (CPU
+    tensors, and backends without one: their backward reads ``grad_output`` on the host, free
+    there)."""
+    if device.type != "cuda":
+        return None
+    if name == "cuda" and _extension.has_kernel("scale_grad_", "CUDA"):
+        _register_native_fakes()
+        return torch.ops.gala.scale_grad_.default
+    if name == "triton" and triton_gala.HAS_TRITON:
+        return triton_gala.scale_grad
+    return None
 
 
 def ops_for(name: str) -> StepOps:
@@ -89,70 +85,12 @@ def ops_for(name: str) -> StepOps:
         _register_native_fakes()
         gala = torch.ops.gala
         return StepOps(gala.fused_ce_step_.default, None, gala.fold_step_.default, gala.scale_grad_.default)
-    return _triton().step_ops()
-
-
-def state_tensors(state: GALAState):
-    """The state's tensors in the order of ``fused_ce_step_``'s mutated arguments."""
-    running = state.running_vectors if state.accumulation == "cumulative" else []
-    return (
-        state.stat_vectors,
-        running,
-        state.steps,
-        state.nonfinite_rows,
-        state.step_scratch,
-        state.raw_pairwise_scratch,
-        state.label_error,
-    )
+    return triton_gala.step_ops()
 
 
 def folds_in_kernel(state: GALAState) -> bool:
     """Whether the step kernel can fold (no sum over ranks to wait for, no pairwise matrix)."""
     return distributed.sync_group(state) is None and state.pairwise is None
-
-
-def run_step_op(
-    ops: StepOps,
-    logits,
-    labels,
-    state: GALAState,
-    *,
-    weight,
-    lambda1,
-    eps,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    fold,
-    row_offset=0,
-    inplace=False,
-):
-    """One launch of the step op, no autograd: ``(loss, grad)`` (``grad`` is the logits if inplace)."""
-    stats, running, steps, nonfinite, scratch, raw_pairwise, label_error = state_tensors(state)
-    args = (
-        logits,
-        labels,
-        weight,
-        stats,
-        running,
-        steps,
-        nonfinite,
-        scratch,
-        raw_pairwise,
-        label_error,
-        float(lambda1),
-        float(eps),
-        int(ignore_index),
-        int(reduction),
-        float(label_smoothing),
-        ACCUMULATIONS.index(state.accumulation),
-        float(state.ema_beta),
-        bool(fold),
-        int(row_offset),
-    )
-    if inplace:
-        return ops.step_inplace(*args), logits
-    return ops.step(*args)
 
 
 def fold_pending(ops: StepOps, state: GALAState) -> None:
@@ -221,7 +159,7 @@ def training_step(
         fold=fold,
     )
     if inplace_backward:
-        loss = _triton().InplaceTrainingStep.apply(logits, labels, state, ops, options)
+        loss = triton_gala.InplaceTrainingStep.apply(logits, labels, state, ops, options)
     elif torch.is_grad_enabled() and logits.requires_grad:
         loss = _TrainingStep.apply(logits, labels, state, ops, options)
     else:

@@ -50,8 +50,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 from .. import ops, reference
 from .. import state as state_layout
-from . import triton_interpret_enabled
-from .step import StepOps, run_step_op, step_fake
+from .interpret import triton_interpret_enabled
+from .step_ops import StepOps, run_step_op, step_fake
 
 REDUCTION_NONE, REDUCTION_MEAN, REDUCTION_SUM = 0, 1, 2
 BIAS_NONE, BIAS_GIVEN, BIAS_FROM_STATE = 0, 1, 2
@@ -957,7 +957,8 @@ class InplaceFusedCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_grads_of_statistics):
         (grad,) = ctx.saved_tensors
-        return (ops.scale_saved_grad(ctx, grad, grad_loss, ctx.reduction),) + (None,) * 8
+        scale_op = scale_grad if grad.device.type == "cuda" else None
+        return (ops.scale_saved_grad(ctx, grad, grad_loss, ctx.reduction, scale_op),) + (None,) * 8
 
 
 def fused_ce_inplace(

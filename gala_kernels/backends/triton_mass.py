@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import triton_interpret_enabled
+from .interpret import triton_interpret_enabled
 
 # Widest row kept whole in one block (registers of one program): 16384 fp32 over 16 warps is
 # 32 values per thread for z and as many for the accumulator.

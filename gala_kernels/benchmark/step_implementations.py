@@ -185,7 +185,7 @@ class FusedOpAlone(Implementation):
     def setup(self, case, rotation, labels):
         state = GALAState(case.classes, device=case.device)
         bias = reference.class_bias(state, 1.2, 1e-3, reference.compute_dtype(case.dtype))
-        args = (labels, bias, -100, 1, True, False)
+        args = (labels, bias, None, -100, 1, 0.0, True, False)  # the schema of gala::fused_ce_fwd
         if self.inplace:
             own = Rotation([b.detach().clone() for b in rotation.buffers])
             return Prepared(lambda: backends.triton_inplace_fused_ce(own.next(), *args),
