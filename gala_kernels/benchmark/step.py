@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import backends
-from . import step_report
+from . import step_report, traffic
 from .machine import load_average, machine_info, resolve_device
 from .memory import memory_method, peak_extra_memory
 from .report import Progress, Record, error_text, result_stem, write_result
@@ -85,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on a cold GPU machine)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--no-traffic-model", action="store_true",
+                        help="leave out the Triton kernels' traffic modelled under the interpreter "
+                             "(the 'model' columns; a few seconds per shape)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -243,6 +246,19 @@ def measure_case(case: Case, implementations: List[Implementation], rotation: Ro
     return [records[impl.name] for impl in implementations]
 
 
+def traffic_model(case: Case, progress: Progress) -> Record:
+    """The 'model' columns of the Triton rows (gala_kernels/benchmark/traffic.py), or why not."""
+    dtype = str(case.dtype).replace("torch.", "")
+    progress.describe(f"{dtype} B={case.batch} C={case.classes} modelling the Triton kernels' traffic")
+    try:
+        figures = traffic.model_case(case.batch, case.classes, dtype)
+    except Exception as exc:  # Triton missing, or the model failed: the timings still stand
+        return {"model_note": f"traffic model unavailable: {error_text(exc)}"}
+    if figures["model_batch"] != case.batch:
+        figures["model_note"] = f"traffic modelled at B={figures['model_batch']}"
+    return figures
+
+
 def run_meta(args: argparse.Namespace, device: torch.device) -> Record:
     meta = machine_info(device)
     meta.update({
@@ -255,6 +271,9 @@ def run_meta(args: argparse.Namespace, device: torch.device) -> Record:
         "memory": memory_method(device),
         "step": "forward + loss.backward() + statistics update (GALA); logits rotated beyond the cache",
         "bytes": "2 * B * C * itemsize (read logits + write gradient)",
+        "traffic_model": ("off" if args.no_traffic_model else
+                          "Triton rows: one training step's loads, stores and atomics counted under "
+                          "TRITON_INTERPRET=1, no cache; the fold of the statistics (O(C)) apart"),
         "quick": bool(args.quick),
         "dry_run": bool(args.dry_run),
     })
@@ -282,8 +301,14 @@ def run(args: argparse.Namespace) -> Dict:
         labels = make_labels(case, profile, args.seed)
         dtype_name = str(case.dtype).replace("torch.", "")
         auto = backends.resolve("auto", rotation.buffers[0], shape=(case.batch, case.classes))
+        model = {} if args.no_traffic_model else traffic_model(case, progress)
         for record in measure_case(case, implementations, rotation, labels, budget, slow_budget, progress,
                                    args.seed):
+            if record["implementation"] == "fused_triton" and model:  # the plain step's kernels
+                note = model.get("model_note")
+                record = {**record, **model}
+                if note:
+                    record["notes"] = "; ".join(filter(None, [record.get("notes"), note]))
             records.append({"device": device.type, "dtype": dtype_name, "batch": case.batch,
                             "classes": case.classes, "bytes": case.step_bytes, "grad_bytes": case.grad_bytes,
                             "buffers_rotated": len(rotation.buffers), "auto_backend": auto, **record})

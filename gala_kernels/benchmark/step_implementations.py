@@ -137,7 +137,11 @@ def _options_suffix(options: Dict[str, object]) -> str:
 
 
 class FusedBackend(Implementation):
-    """``fused_gala_ce(..., backend=name, **options)`` with a persistent ``GALAState``: a training step."""
+    """``fused_gala_ce(..., backend=name, **options)`` with a persistent ``GALAState``: a training step.
+
+    ``options`` are keyword arguments of ``fused_gala_ce``; ``weight="random"`` stands for class
+    weights drawn uniformly in [0.5, 1.5), made on the case's device at set-up.
+    """
 
     family = "fused"
 
@@ -154,10 +158,57 @@ class FusedBackend(Implementation):
             return reason
         return _triton_on_cpu_reason(case) if self.backend == "triton" else None
 
+    def loss_options(self, case: Case) -> Dict[str, object]:
+        options = dict(self.options)
+        if options.get("weight") == "random":
+            generator = torch.Generator().manual_seed(1)
+            options["weight"] = (torch.rand(case.classes, generator=generator) + 0.5).to(case.device)
+        return options
+
     def setup(self, case, rotation, labels):
         state = GALAState(case.classes, device=case.device)
-        loss_fn = lambda logits, y: fused_gala_ce(logits, y, state, backend=self.backend, **self.options)
+        options = self.loss_options(case)
+        loss_fn = lambda logits, y: fused_gala_ce(logits, y, state, backend=self.backend, **options)
         return Prepared(autograd_step(loss_fn, rotation, labels))
+
+
+class GraphReplay(FusedBackend):
+    """The training step of :class:`FusedBackend` captured in CUDA graphs and replayed: one graph
+    per logits buffer of the rotation (sharing one memory pool), so the replayed steps read the
+    same cycle of buffers as the eager ones. What is left is the GPU's time: no Python, no launch
+    overhead; the state is updated by every replay, as in an eager step."""
+
+    def __init__(self, backend: str):
+        super().__init__(backend)
+        self.name = f"fused_{backend}_graph"
+        self.label = f"fused_gala_ce [{backend}], CUDA-graph replay"
+
+    def skip_reason(self, case):
+        if case.device.type != "cuda":
+            return "CUDA-graph replay needs a GPU"
+        return super().skip_reason(case)
+
+    def setup(self, case, rotation, labels):
+        state = GALAState(case.classes, device=case.device)
+
+        def body(logits: torch.Tensor) -> torch.Tensor:
+            loss = fused_gala_ce(logits, labels, state, backend=self.backend)
+            return torch.autograd.grad(loss, logits)[0]
+
+        side = torch.cuda.Stream(case.device)
+        side.wait_stream(torch.cuda.current_stream(case.device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream: compile, allocate
+            for logits in rotation.buffers[:2]:
+                body(logits)
+        torch.cuda.current_stream(case.device).wait_stream(side)
+        graphs: List[torch.cuda.CUDAGraph] = []
+        for logits in rotation.buffers:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=graphs[0].pool() if graphs else None):
+                body(logits)
+            graphs.append(graph)
+        order = Rotation(graphs)
+        return Prepared(lambda: order.next().replay(), notes=f"{len(graphs)} graphs, one per logits buffer")
 
 
 class FusedOpAlone(Implementation):
@@ -295,14 +346,23 @@ class LigerCrossEntropy(Implementation):
         return Prepared(autograd_step(LigerCrossEntropyLoss(), rotation, labels))
 
 
+# The loss options timed against the plain call, for each backend that runs by default on a device.
+OPTION_ROWS = ({"label_smoothing": 0.1}, {"weight": "random"}, {"label_smoothing": 0.1, "weight": "random"})
+
+
 def all_implementations(compile_max_elements: Optional[int] = None) -> List[Implementation]:
     """Every implementation, in table order; those that cannot run on a case say why."""
     return [
         CopyFloor(),
         AllocatingCopyFloor(),
         FusedBackend("cpu"),
+        *(FusedBackend("cpu", options) for options in OPTION_ROWS),
         FusedBackend("triton"),
+        GraphReplay("triton"),
+        *(FusedBackend("triton", options) for options in OPTION_ROWS),
         FusedBackend("cuda"),
+        GraphReplay("cuda"),
+        *(FusedBackend("cuda", options) for options in OPTION_ROWS),
         FusedOpAlone("cpu"),
         FusedOpAlone("triton"),
         FusedOpAlone("triton", inplace=True),

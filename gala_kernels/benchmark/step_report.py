@@ -8,7 +8,16 @@ that case (:data:`DERIVED`):
     vs eager              = eager median / this median            (> 1: faster than the reference)
     vs authors            = authors' median / this median
     vs F.ce               = F.cross_entropy median / this median
+    x plain               = this median / the median of the same backend's plain step
+                            (rows with a loss option, and CUDA-graph replays)
     peak beyond gradient  = peak extra memory - B * C * itemsize   (for calls that allocate a gradient)
+
+and, for the Triton rows, the traffic of the Triton kernels modelled under the interpreter
+(gala_kernels/benchmark/traffic.py; no cache, so a value read twice counts twice):
+
+    model reads           = bytes loaded from the logits / their size
+    model bytes/floor     = bytes moved by the loss kernels / (2 * B * C * itemsize)
+    model atomics         = elements updated atomically
 
 A new column is a function in :data:`DERIVED` that sets a key of the record (or a key the
 implementation's setup measured) and a :class:`~gala_kernels.benchmark.report.Column` in
@@ -65,7 +74,23 @@ def _peak_beyond_gradient(r: Record, medians: Medians) -> None:
         None if peak is None else max(0, peak - (r["grad_bytes"] if r.get("makes_gradient") else 0)))
 
 
-DERIVED: List[Callable[[Record, Medians], None]] = [_bandwidth, _ratios, _peak_beyond_gradient]
+def plain_step_of(name: str) -> Optional[str]:
+    """The plain step a row is compared with: ``fused_cpu`` for ``fused_cpu[weight=random]`` and
+    for ``fused_cpu_graph``; None for the plain rows themselves."""
+    if "[" in name:
+        return name.split("[", 1)[0]
+    if name.endswith("_graph"):
+        return name[: -len("_graph")]
+    return None
+
+
+def _relative_to_plain(r: Record, medians: Medians) -> None:
+    plain = plain_step_of(r["implementation"])
+    r["ratio_to_plain"] = ratio(r.get("median_ms"), medians.get(plain)) if plain else None
+
+
+DERIVED: List[Callable[[Record, Medians], None]] = [_bandwidth, _ratios, _relative_to_plain,
+                                                    _peak_beyond_gradient]
 
 
 def derive(records: List[Record]) -> None:
@@ -87,8 +112,12 @@ COLUMNS: List[Column] = [
     report.number("vs eager", "speedup_vs_eager", 2, "x"),
     report.number("vs authors", "speedup_vs_authors", 1, "x"),
     report.number("vs F.ce", "speedup_vs_cross_entropy", 2, "x"),
+    report.number("x plain", "ratio_to_plain", 2),
     report.mebibytes("peak extra MiB", "peak_extra_bytes"),
     report.mebibytes("beyond gradient MiB", "peak_beyond_gradient_bytes"),
+    report.number("model reads", "model_logit_reads", 2, "x"),
+    report.number("model bytes/floor", "model_bytes_over_floor", 2),
+    report.number("model atomics", "model_atomics", 0),
     report.text("notes", "notes"),
 ]
 

@@ -140,6 +140,13 @@ def time_each(steps: Dict[str, Callable[[], object]], budgets: Dict[str, Budget]
     (the device is not shared). ``on_error(name, exc)`` is told about a step that raised; without it
     the exception propagates."""
     if device.type != "cuda":
+        if on_error is not None:  # one call each first: a step that raises leaves the others timed
+            for name, step in list(steps.items()):
+                try:
+                    step()
+                except Exception as exc:
+                    on_error(name, exc)
+                    steps = {k: v for k, v in steps.items() if k != name}
         try:
             return time_interleaved(steps, budgets, device, seed)
         except Exception as exc:

@@ -210,8 +210,29 @@ def model_step_in_subprocess(batch: int, classes: int, dtype: str = "float32", *
     if not kwargs.get("with_state", True):
         arguments.append("--no-state")
     out = subprocess.run([sys.executable, "-m", "gala_kernels.benchmark.traffic", *arguments], env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "no output")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# The interpreter runs a kernel in numpy, tile by tile: beyond this many logits a benchmark models
+# fewer rows of the same width (the traffic per row hardly depends on B; the grid does, a little).
+MODEL_MAX_ELEMENTS = 1 << 22
+
+
+def model_case(batch: int, classes: int, dtype: str) -> dict:
+    """The modelled traffic of one benchmark case's Triton training step, with the batch it was
+    modelled at (``model_batch``: ``batch``, or fewer rows for a large case, see
+    MODEL_MAX_ELEMENTS). In this process under the interpreter, else in a subprocess."""
+    model_batch = max(1, min(batch, MODEL_MAX_ELEMENTS // max(classes, 1)))
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        figures = model_step(model_batch, classes, dtype)
+    else:
+        figures = model_step_in_subprocess(model_batch, classes, dtype)
+    return {"model_batch": model_batch, "model_logit_reads": figures["logit_reads"],
+            "model_bytes_over_floor": figures["bytes_over_floor"], "model_atomics": figures["atomics"],
+            "model_fold_bytes": figures["fold_bytes"], "model_launches": figures["launches"]}
 
 
 def main(argv=None) -> None:
