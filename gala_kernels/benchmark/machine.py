@@ -19,8 +19,8 @@ from typing import Dict, Optional
 import torch
 
 # Environment variables that change what the library computes or how (docs/environment.md).
-BEHAVIOUR_VARIABLES = ("GALA_CUDA_CHECK_LABELS", "GALA_CPU_BUFFER_CACHE", "GALA_TRITON_AUTOTUNE",
-                       "TRITON_INTERPRET")
+BEHAVIOUR_VARIABLES = ("GALA_SYNC_LABEL_CHECK", "GALA_CUDA_CHECK_LABELS", "GALA_CPU_BUFFER_CACHE",
+                       "GALA_TRITON_AUTOTUNE", "TRITON_INTERPRET")
 
 
 def cpu_model() -> str:

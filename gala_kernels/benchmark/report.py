@@ -92,8 +92,10 @@ META_KEYS = ("date_utc", "device", "gpu", "gpu_sm_count", "gpu_capability", "cud
              "total_seconds")
 
 ENVIRONMENT_NOTES = {
-    "GALA_CUDA_CHECK_LABELS": ("0", "the CUDA op's label range check (one host synchronisation per call) was "
-                               "OFF for this run: out-of-range labels are not detected"),
+    "GALA_SYNC_LABEL_CHECK": (None, "CUDA calls checked their labels before running "
+                                    "(one host synchronisation per call)"),
+    "GALA_CUDA_CHECK_LABELS": ("0", "the CUDA evaluation op's label range check (one host synchronisation "
+                               "per call) was OFF for this run: out-of-range labels are not detected"),
     "GALA_CPU_BUFFER_CACHE": ("0", "the CPU op's cache of freed gradient blocks was OFF for this run"),
     "GALA_TRITON_AUTOTUNE": (None, "Triton configs were autotuned per shape on first use"),
     "TRITON_INTERPRET": (None, "Triton kernels ran in the interpreter: their times are not kernel times"),
