@@ -8,20 +8,22 @@
 #    -e .`; the extension is built for this GPU's architecture only). If the build fails the check
 #    goes on from the source tree: the Triton backend does not need the compiled extension;
 # 2. checks that bad input raises Python errors from the compiled ops (tests/test_error_paths.py),
-#    then runs the CUDA variants of the tests (CUDA C++, re-balancing, fused linear, Triton);
+#    then runs the CUDA variants of the tests: the device training step (no host sync, CUDA-graph
+#    replay, torch.compile with CUDA graphs, deferred bad labels), weight / label_smoothing, the
+#    CUDA C++ ops, Triton, fused linear, re-balancing;
 # 3. benchmarks, each writing <benchmark>_cuda_<gpu>.md and .json under OUT_DIR:
-#    `bench mass --device cuda` (the mass pass against a read of the logits, three C),
-#    `bench linear --device cuda` (chunked fused linear against the matmuls + fused kernel),
-#    `bench step` (every implementation side by side) and, with the time left,
-#    `bench crossover` (cuda against triton over B x C, the evidence for backend="auto").
-# GALA_SKIP_LINEAR skips the linear benchmark; GALA_SKIP_GPU_BENCH stops after the mass and linear
-# benchmarks; GALA_SKIP_CROSSOVER skips the crossover sweep.
+#    `bench step` (every implementation side by side, CUDA-graph replays and the loss options
+#    included; the traffic model columns come from the CPU runs), then with the time left
+#    `bench crossover` (cuda against triton over B x C, the evidence for backend="auto"),
+#    `bench mass --device cuda` and `bench linear --device cuda`.
+# GALA_SKIP_LINEAR skips the linear benchmark; GALA_SKIP_GPU_BENCH stops after the tests;
+# GALA_SKIP_CROSSOVER skips the crossover sweep.
 # The log goes to build/gpu_check/ (and, with the results packed as gpu_results.tar.gz, to $OUT
 # when that is set).
 # Budget: under 7.5 minutes in all (GALA_GPU_CHECK_SECONDS, default 440). Each stage has a timeout
-# taken from what is left (install <= 150 s, error paths <= 90 s, tests <= 130 s, mass <= 120 s,
-# linear <= 90 s, the step benchmark the rest); the step and crossover benchmarks rewrite their
-# files after every shape, so a timeout keeps what was measured.
+# taken from what is left (install <= 150 s, error paths <= 60 s, tests <= 200 s, the step
+# benchmark <= 150 s, then crossover, mass and linear with what is left); the step and crossover
+# benchmarks rewrite their files after every shape, so a timeout keeps what was measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
@@ -80,53 +82,56 @@ PY
 
 stage "error paths: tests/test_error_paths.py (bad input must raise, never kill the process)"
 ERROR_PATHS_STATUS=0
-timeout 90 $PYTHON -m pytest tests/test_error_paths.py -q -p no:cacheprovider -rs || ERROR_PATHS_STATUS=$?
+timeout 60 $PYTHON -m pytest tests/test_error_paths.py -q -p no:cacheprovider -rs || ERROR_PATHS_STATUS=$?
 
-stage "tests: CUDA variants (cuda, rebalance, linear, triton)"
+stage "tests: CUDA variants (device step, options, cuda, triton, linear, rebalance)"
 TEST_STATUS=0
-TEST_BUDGET=$(( $(left) - 180 ))
-[ "$TEST_BUDGET" -gt 130 ] && TEST_BUDGET=130
-[ "$TEST_BUDGET" -lt 90 ] && TEST_BUDGET=90  # about 330 CUDA tests, 35-40 s on 8 workers
+TEST_BUDGET=$(( $(left) - 150 ))
+[ "$TEST_BUDGET" -gt 200 ] && TEST_BUDGET=200
+[ "$TEST_BUDGET" -lt 90 ] && TEST_BUDGET=90
 # pytest-xdist, where installed, spreads the Triton JIT compiles over the machine's cores; timeout
-# signals pytest's whole process group, its workers included
+# signals pytest's whole process group, its workers included. The training-step tests first: they
+# are what a GPU must confirm.
 PARALLEL=$($PYTHON -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout "$TEST_BUDGET" $PYTHON -m pytest $PARALLEL tests/test_cuda_backend.py tests/test_rebalance.py tests/test_linear.py \
-  tests/test_triton.py -m "not slow" -k "cuda and not compile_check and not against_torch_headers" \
-  -q -p no:cacheprovider -rs --durations=5 || TEST_STATUS=$?
+timeout "$TEST_BUDGET" $PYTHON -m pytest $PARALLEL tests/test_device_step.py tests/test_options.py \
+  tests/test_cuda_backend.py tests/test_triton.py tests/test_linear.py tests/test_rebalance.py \
+  -m "not slow" -k "cuda and not compile_check and not against_torch_headers" \
+  -q -p no:cacheprovider -rs --durations=10 || TEST_STATUS=$?
 echo "pytest exit status: $TEST_STATUS"
 
-EXTRA_STATUS=0
-stage "benchmark: bench mass --device cuda (the mass pass against a read of the logits)"
-timeout 120 $PYTHON -m gala_kernels bench mass --device cuda --classes 8142,16384,65536 --repeats 10 --sweep \
-  --out "$OUT_DIR" || EXTRA_STATUS=$?
-
-if [ -z "${GALA_SKIP_LINEAR:-}" ]; then
-  stage "benchmark: bench linear --device cuda (chunked against the matmuls + fused kernel)"
-  timeout 90 $PYTHON -m gala_kernels bench linear --device cuda --chunk-mib 256,4096 --out "$OUT_DIR" \
-    || EXTRA_STATUS=$?
-fi
-
 if [ -n "${GALA_SKIP_GPU_BENCH:-}" ]; then
-  stage "done: install $INSTALL_STATUS, error paths $ERROR_PATHS_STATUS, tests $TEST_STATUS, extra $EXTRA_STATUS"
+  stage "done: install $INSTALL_STATUS, error paths $ERROR_PATHS_STATUS, tests $TEST_STATUS"
   [ "$TEST_STATUS" -eq 0 ] && [ "$ERROR_PATHS_STATUS" -eq 0 ]
   exit
 fi
 
-stage "benchmark: bench step (every implementation side by side)"
-REMAINING=$(( $(left) - 50 ))
+stage "benchmark: bench step (every implementation side by side, graph replays, loss options)"
+REMAINING=$(( $(left) - 30 ))
+[ "$REMAINING" -gt 150 ] && REMAINING=150
 [ "$REMAINING" -lt 60 ] && REMAINING=60
 # torch.compile of the eager step costs ~40 s per shape on a cold machine: only the first shape
-# when time is short
-COMPILE_MAX=$(( 4096 * 8142 ))
-[ "$REMAINING" -lt 220 ] && COMPILE_MAX=$(( 512 * 8142 ))
+COMPILE_MAX=$(( 512 * 8142 ))
 BENCH_STATUS=0
 timeout "$REMAINING" $PYTHON -m gala_kernels bench step --device cuda --compile-max-elements "$COMPILE_MAX" \
-  --no-progress --out "$OUT_DIR" || BENCH_STATUS=$?
+  --no-traffic-model --no-progress --out "$OUT_DIR" || BENCH_STATUS=$?
 
+EXTRA_STATUS=0
 if [ "$(left)" -gt 30 ] && [ -z "${GALA_SKIP_CROSSOVER:-}" ]; then
   stage "benchmark: bench crossover (cuda against triton over B x C)"
-  timeout $(( $(left) - 5 )) $PYTHON -m gala_kernels bench crossover --rep-ms 50 --out "$OUT_DIR" \
-    || EXTRA_STATUS=$?
+  timeout $(( $(left) > 90 ? 90 : $(left) - 5 )) $PYTHON -m gala_kernels bench crossover --rep-ms 50 \
+    --out "$OUT_DIR" || EXTRA_STATUS=$?
+fi
+
+if [ "$(left)" -gt 30 ]; then
+  stage "benchmark: bench mass --device cuda (the mass pass against a read of the logits)"
+  timeout $(( $(left) > 60 ? 60 : $(left) - 5 )) $PYTHON -m gala_kernels bench mass --device cuda \
+    --classes 8142 --repeats 10 --out "$OUT_DIR" || EXTRA_STATUS=$?
+fi
+
+if [ "$(left)" -gt 30 ] && [ -z "${GALA_SKIP_LINEAR:-}" ]; then
+  stage "benchmark: bench linear --device cuda (chunked against the matmuls + fused kernel)"
+  timeout $(( $(left) - 5 )) $PYTHON -m gala_kernels bench linear --device cuda --chunk-mib 256,4096 \
+    --out "$OUT_DIR" || EXTRA_STATUS=$?
 fi
 
 stage "done: install $INSTALL_STATUS, error paths $ERROR_PATHS_STATUS, tests $TEST_STATUS, benchmark $BENCH_STATUS, extra $EXTRA_STATUS"
