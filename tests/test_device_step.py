@@ -573,3 +573,19 @@ def test_the_compiled_step_ops_have_fake_implementations():
         loss, grad = torch.ops.gala.fused_ce_step_(logits, labels, None, *state_args, *scalars)
         assert loss.shape == (4,) and grad.shape == (4, 7)
         torch.ops.gala.scale_grad_(grad, loss.sum())
+
+
+@needs_interpreter
+@pytest.mark.parametrize("with_state", [True, False])
+def test_inplace_gradient_over_saved_logits_is_refused(with_state):
+    """inplace_backward overwrites the logits: a node that saved them (here exp) makes autograd
+    raise instead of computing a wrong gradient; logits out of a matmul are fine."""
+    x = torch.randn(4, 3, requires_grad=True)
+    w = torch.randn(3, 6, requires_grad=True)
+    labels = torch.randint(0, 6, (4,))
+    state = gk.GALAState(6) if with_state else None
+    loss = gk.fused_gala_ce((x @ w).exp(), labels, state, backend="triton", inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    gk.fused_gala_ce(x @ w, labels, state, backend="triton", inplace_backward=True).backward()
+    assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0

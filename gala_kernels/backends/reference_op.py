@@ -8,28 +8,16 @@ for statistics that were not asked for.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import torch
 
 from .. import ops, reference
+from . import schemas
 
 _REDUCTION_NAMES = {code: name for name, code in ops.REDUCTION_CODES.items()}
 
 
-@torch.library.custom_op("gala_ref::fused_ce_fwd", mutates_args=())
-def reference_fused_ce(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    class_bias: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor],
-    ignore_index: int,
-    reduction: int,
-    label_smoothing: float,
-    compute_stats: bool,
-    track_pairwise: bool,
-    row_shift: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _reference_forward(logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing,
+                       compute_stats, track_pairwise, row_shift=None):
     loss, grad, stats = reference.forward_and_grad(
         logits, labels, class_bias, row_shift, reduction=_REDUCTION_NAMES[reduction],
         ignore_index=ignore_index, compute_stats=compute_stats, track_pairwise=track_pairwise,
@@ -42,4 +30,10 @@ def reference_fused_ce(
     return loss.to(logits.dtype), grad, raw, raw_pairwise, counts
 
 
+reference_fused_ce = schemas.define(
+    "gala_ref",
+    f"fused_ce_fwd(Tensor logits, {schemas.FUSED_CE_ARGUMENTS}, Tensor? row_shift=None) -> "
+    f"{schemas.FUSED_CE_OUTPUTS}",
+    _reference_forward,
+)
 ops.register_fused_ce(reference_fused_ce)

@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 from .. import ops, reference
 from .. import state as state_layout
+from . import schemas
 from .interpret import triton_interpret_enabled
 from .step_ops import StepOps, run_step_op, step_fake
 
@@ -644,240 +645,57 @@ def scale_grad(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
 # --------------------------------------------------------------------------------------------------
 # 3. Registration (torch.library.custom_op): what torch.compile traces
 # --------------------------------------------------------------------------------------------------
-def _register_fused_ce_ops():
-    """``gala_triton::fused_ce_fwd`` (the schema of ``gala::fused_ce_fwd``) and its in-place twin."""
-
-    @torch.library.custom_op("gala_triton::fused_ce_fwd", mutates_args=())
-    def fused_ce_fwd(
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        class_bias: Optional[torch.Tensor],
-        weight: Optional[torch.Tensor],
-        ignore_index: int,
-        reduction: int,
-        label_smoothing: float,
-        compute_stats: bool,
-        track_pairwise: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return fused_ce_forward(
-            logits,
-            labels,
-            class_bias,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            compute_stats,
-            track_pairwise,
-        )
-
-    ops.register_fused_ce(fused_ce_fwd)
-
-    @torch.library.custom_op("gala_triton::fused_ce_fwd_inplace", mutates_args={"logits"})
-    def fused_ce_fwd_inplace(
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        class_bias: Optional[torch.Tensor],
-        weight: Optional[torch.Tensor],
-        ignore_index: int,
-        reduction: int,
-        label_smoothing: float,
-        compute_stats: bool,
-        track_pairwise: bool,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        loss, _grad, raw_stats, raw_pairwise, counts = fused_ce_forward(
-            logits,
-            labels,
-            class_bias,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            compute_stats,
-            track_pairwise,
-            inplace_backward=True,
-        )
-        return loss, raw_stats, raw_pairwise, counts
-
-    @fused_ce_fwd_inplace.register_fake
-    def _(
-        logits,
-        labels,
-        class_bias,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        compute_stats,
-        track_pairwise,
-    ):
-        loss, _grad, raw_stats, raw_pairwise, counts = ops.fused_ce_fake(
-            logits,
-            labels,
-            class_bias,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            compute_stats,
-            track_pairwise,
-        )
-        return loss, raw_stats, raw_pairwise, counts
-
-    return torch.ops.gala_triton.fused_ce_fwd.default, torch.ops.gala_triton.fused_ce_fwd_inplace.default
+def _fused_ce_inplace(*args):
+    """``fused_ce_fwd_inplace``: the gradient written into the logits; ``(loss, raw_stats,
+    raw_pairwise, counts)``."""
+    return _without_grad(fused_ce_forward(*args, inplace_backward=True))
 
 
-_STEP_MUTATED = ("stats", "running", "steps", "nonfinite_rows", "scratch", "raw_pairwise", "label_error")
+def _step_inplace(*args):
+    """``fused_ce_step_inplace_``: the step with the gradient written into the logits; the loss."""
+    return fused_ce_step(*args, inplace_backward=True)[0]
 
 
-def _register_step_ops():
-    """``gala_triton::fused_ce_step_`` (schema of ``gala::fused_ce_step_``), ``..._inplace_`` (the
-    gradient written into the logits; returns the loss) and ``gala_triton::fold_step_``."""
+def _register_ops():
+    """The ops of this backend: ``gala_triton::fused_ce_fwd``, ``fused_ce_step_`` and ``fold_step_``
+    (the schemas of the compiled ops) and the in-place twins ``fused_ce_fwd_inplace`` and
+    ``fused_ce_step_inplace_``, implemented by the launchers for every device (CPU tensors: the
+    interpreter), each with its fake implementation."""
+    fused = f"(Tensor logits, {schemas.FUSED_CE_ARGUMENTS})"
+    fused_inplace = f"(Tensor(z!) logits, {schemas.FUSED_CE_ARGUMENTS})"
+    step_args = f"(Tensor logits, {schemas.STEP_ARGUMENTS})"
+    step_inplace_args = f"(Tensor(z!) logits, {schemas.STEP_ARGUMENTS})"
+    inplace_outputs = "(Tensor loss, Tensor raw_stats, Tensor raw_pairwise, Tensor counts)"
 
-    @torch.library.custom_op("gala_triton::fused_ce_step_", mutates_args=_STEP_MUTATED)
-    def fused_ce_step_(
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        stats: List[torch.Tensor],
-        running: List[torch.Tensor],
-        steps: torch.Tensor,
-        nonfinite_rows: torch.Tensor,
-        scratch: torch.Tensor,
-        raw_pairwise: Optional[torch.Tensor],
-        label_error: torch.Tensor,
-        lambda1: float,
-        eps: float,
-        ignore_index: int,
-        reduction: int,
-        label_smoothing: float,
-        accumulation: int,
-        ema_beta: float,
-        fold: bool,
-        row_offset: int,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        return fused_ce_step(
-            logits,
-            labels,
-            weight,
-            stats,
-            running,
-            steps,
-            nonfinite_rows,
-            scratch,
-            raw_pairwise,
-            label_error,
-            lambda1,
-            eps,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            accumulation,
-            ema_beta,
-            fold,
-            row_offset,
-        )
-
-    fused_ce_step_.register_fake(step_fake)
-
-    @torch.library.custom_op("gala_triton::fused_ce_step_inplace_", mutates_args=("logits",) + _STEP_MUTATED)
-    def fused_ce_step_inplace_(
-        logits: torch.Tensor,
-        labels: torch.Tensor,
-        weight: Optional[torch.Tensor],
-        stats: List[torch.Tensor],
-        running: List[torch.Tensor],
-        steps: torch.Tensor,
-        nonfinite_rows: torch.Tensor,
-        scratch: torch.Tensor,
-        raw_pairwise: Optional[torch.Tensor],
-        label_error: torch.Tensor,
-        lambda1: float,
-        eps: float,
-        ignore_index: int,
-        reduction: int,
-        label_smoothing: float,
-        accumulation: int,
-        ema_beta: float,
-        fold: bool,
-        row_offset: int,
-    ) -> torch.Tensor:
-        return fused_ce_step(
-            logits,
-            labels,
-            weight,
-            stats,
-            running,
-            steps,
-            nonfinite_rows,
-            scratch,
-            raw_pairwise,
-            label_error,
-            lambda1,
-            eps,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            accumulation,
-            ema_beta,
-            fold,
-            row_offset,
-            inplace_backward=True,
-        )[0]
-
-    @fused_ce_step_inplace_.register_fake
-    def _(*args):
-        return step_fake(*args)[0]
-
-    @torch.library.custom_op(
-        "gala_triton::fold_step_",
-        mutates_args=(
-            "scratch",
-            "raw_pairwise",
-            "stats",
-            "running",
-            "pairwise",
-            "running_pairwise",
-            "steps",
-            "nonfinite_rows",
-        ),
+    outputs = schemas.FUSED_CE_OUTPUTS
+    fwd = schemas.define("gala_triton", f"fused_ce_fwd{fused} -> {outputs}", fused_ce_forward)
+    ops.register_fused_ce(fwd)
+    fwd_inplace = schemas.define(
+        "gala_triton", f"fused_ce_fwd_inplace{fused_inplace} -> {inplace_outputs}", _fused_ce_inplace
     )
-    def fold_step_(
-        scratch: torch.Tensor,
-        raw_pairwise: Optional[torch.Tensor],
-        stats: List[torch.Tensor],
-        running: List[torch.Tensor],
-        pairwise: Optional[torch.Tensor],
-        running_pairwise: Optional[torch.Tensor],
-        steps: torch.Tensor,
-        nonfinite_rows: torch.Tensor,
-        accumulation: int,
-        ema_beta: float,
-    ) -> None:
-        fold_step(
-            scratch,
-            raw_pairwise,
-            stats,
-            running,
-            pairwise,
-            running_pairwise,
-            steps,
-            nonfinite_rows,
-            accumulation,
-            ema_beta,
-        )
-
-    gala_triton = torch.ops.gala_triton
-    return (
-        gala_triton.fused_ce_step_.default,
-        gala_triton.fused_ce_step_inplace_.default,
-        gala_triton.fold_step_.default,
+    torch.library.register_fake(fwd_inplace)(lambda *args: _without_grad(ops.fused_ce_fake(*args)))
+    step = schemas.define("gala_triton", f"fused_ce_step_{step_args} -> (Tensor loss, Tensor grad)",
+                          fused_ce_step)
+    torch.library.register_fake(step)(step_fake)
+    step_inplace = schemas.define(
+        "gala_triton", f"fused_ce_step_inplace_{step_inplace_args} -> Tensor loss", _step_inplace
     )
+    torch.library.register_fake(step_inplace)(lambda *args: step_fake(*args)[0])
+    fold = schemas.define("gala_triton", schemas.FOLD_SCHEMA, fold_step)
+    torch.library.register_fake(fold)(lambda *args: None)
+    return fwd, fwd_inplace, step, step_inplace, fold
+
+
+def _without_grad(outputs):
+    """``fused_ce_fwd``'s outputs less the gradient: those of its in-place twin."""
+    loss, _grad, raw_stats, raw_pairwise, counts = outputs
+    return loss, raw_stats, raw_pairwise, counts
 
 
 # Registered at import (never while torch.compile traces a caller); TRITON_INTERPRET is fixed by then.
-_FUSED_CE_OP, _FUSED_CE_INPLACE_OP = _register_fused_ce_ops() if HAS_TRITON else (None, None)
-_STEP_OP, _STEP_INPLACE_OP, _FOLD_OP = _register_step_ops() if HAS_TRITON else (None, None, None)
+_FUSED_CE_OP, _FUSED_CE_INPLACE_OP, _STEP_OP, _STEP_INPLACE_OP, _FOLD_OP = (
+    _register_ops() if HAS_TRITON else (None,) * 5
+)
 
 
 def fused_ce_op():
@@ -900,7 +718,7 @@ def _eager_or_traced(traced, eager):
 
 
 def _eager_step_inplace(*args):
-    loss, _grad = fused_ce_step(*args, inplace_backward=True)
+    loss = _step_inplace(*args)
     torch.autograd.graph.increment_version(args[0])  # the logits now hold the gradient
     return loss
 
@@ -937,18 +755,13 @@ class InplaceFusedCE(torch.autograd.Function):
         track_pairwise,
     ):
         loss, raw_stats, raw_pairwise, counts = fused_ce_inplace_op()(
-            logits,
-            labels,
-            class_bias,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            compute_stats,
+            logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
             track_pairwise,
         )
-        # not mark_dirty: the logits are not returned; their version counter was bumped by the op,
-        # so autograd still catches any other node that saved their old values
+        # not mark_dirty: the logits are not returned; their version counter is bumped, so autograd
+        # still catches any other node that saved their old values
+        if not torch.compiler.is_compiling():
+            torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(logits)
         ctx.reduction = reduction
         ctx.mark_non_differentiable(raw_stats, raw_pairwise, counts)
