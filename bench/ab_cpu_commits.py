@@ -8,10 +8,18 @@ code, only the ops swapped: ``fused_ce_fwd``, and the one-call CPU step where a 
 interleaved step by step with ``F.cross_entropy`` and a copy of the logits, in a new random
 order every round (a step runs slower right after a memory-heavy neighbour, so none may always
 follow the same one).
-Ratios are the medians of per-round ratios against the first commit.
+Ratios are the medians of per-round ratios against the first commit, with their 20th and 80th
+percentiles.
 
     python bench/ab_cpu_commits.py 41d6f72 HEAD~1 [--classes 8142 --batch 512 --dtype float32
                                                     --rounds 100 --runs 3]
+    python bench/ab_cpu_commits.py 2d7a9f2 --bits   # outputs bit for bit against the first commit
+
+Builds from before the ops took ``weight`` and ``label_smoothing`` (their schema has neither) are
+called through an adapter that drops the two (the plain call passes None and 0.0). ``--bits``
+times nothing: it runs ``fused_ce_fwd`` of every build on a set of odd shapes, dtypes, reductions,
+ignored and non-finite rows, with and without statistics, and says which outputs differ in any
+bit from the first commit's.
 
 Needs git, cmake, ninja and a compiler (as the main build); builds go to a temporary directory
 (``--build-root``) and are reused when present.
@@ -68,6 +76,80 @@ def build_commit(commit: str, namespace: str, build_root: Path) -> Path:
     return sorted(out_dir.glob("lib/_C*.so"))[0]
 
 
+def takes_options(op) -> bool:
+    """Whether a build's op has the ``weight`` and ``label_smoothing`` arguments."""
+    return "weight" in [argument.name for argument in op.default._schema.arguments]
+
+
+def fused_ce_adapter(op):
+    """The working tree's fused_ce_fwd call on a build without weight and label_smoothing."""
+    def call(logits, labels, class_bias, weight, ignore_index, reduction, label_smoothing, compute_stats,
+             track_pairwise):
+        assert weight is None and label_smoothing == 0.0, "this build has no weight / label_smoothing"
+        return op(logits, labels, class_bias, ignore_index, reduction, compute_stats, track_pairwise)
+    return call
+
+
+def step_adapter(op):
+    """The working tree's fused_ce_step_cpu_ call on a build without weight and label_smoothing."""
+    def call(logits, labels, weight, stats, running, steps, nonfinite_rows, lambda1, eps, ignore_index,
+             reduction, label_smoothing, mode):
+        assert weight is None and label_smoothing == 0.0, "this build has no weight / label_smoothing"
+        return op(logits, labels, stats, running, steps, nonfinite_rows, lambda1, eps, ignore_index, reduction,
+                  mode)
+    return call
+
+
+def bit_cases():
+    """(name, fused_ce_fwd arguments) of the plain call over odd shapes and every path of the kernel."""
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for B, C in ((5, 1), (9, 2), (17, 37), (33, 2049), (64, 8142), (3, 70000)):
+            logits = (torch.randn(B, C + 3, generator=generator, dtype=torch.float64) * 3).to(dtype)
+            logits = logits[:, 1:C + 1] if C > 2 else logits[:, :C].contiguous()  # strided rows too
+            labels = torch.randint(0, C, (B,), generator=generator)
+            labels[::4] = -100
+            if B > 8:
+                logits[7, C // 2] = float("inf")
+                logits[2, 0] += 90.0  # a new exp reference
+            bias = torch.randn(C, generator=generator, dtype=math_dtype)
+            for reduction in (0, 1, 2):
+                for stats, pairwise in ((False, False), (True, False), (True, True)):
+                    if pairwise and C > 2049:
+                        continue
+                    name = f"{dtype} {B}x{C} reduction={reduction} stats={stats} pairwise={pairwise}"
+                    yield name, (logits, labels, bias if stats else None, None, -100, reduction, 0.0, stats,
+                                 pairwise)
+
+
+def compare_bits(ops_by_name) -> None:
+    names = list(ops_by_name)
+    different = {name: 0 for name in names[1:]}
+    count = 0
+    for case, args in bit_cases():
+        count += 1
+        outputs = {name: op(*args) for name, op in ops_by_name.items()}
+        for name in names[1:]:
+            for index, (got, want) in enumerate(zip(outputs[name], outputs[names[0]])):
+                same = got.shape == want.shape and got.dtype == want.dtype and (
+                    got.view(-1).view(torch.uint8).equal(want.view(-1).view(torch.uint8)) if got.numel()
+                    else True)
+                if not same:
+                    different[name] += 1
+                    print(f"{name}: output {index} differs from {names[0]}'s: {case}")
+    for name, bad in different.items():
+        print(f"{name}: {count - bad} of {count} cases bit-identical to {names[0]}")
+
+
+def ratio_summary(values, reference_values) -> str:
+    """Median of the per-round ratios with their 20th and 80th percentiles."""
+    ratios = sorted(a / b for a, b in zip(values, reference_values))
+    def at(q):
+        return ratios[min(len(ratios) - 1, int(round(q * (len(ratios) - 1))))]
+    return f"{at(0.5):.3f}x [{at(0.2):.3f}-{at(0.8):.3f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("commits", nargs="+",
@@ -78,6 +160,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3, help="independent runs (each: warm-up, then rounds)")
     parser.add_argument("--build-root", default=os.path.join(tempfile.gettempdir(), "gala_ab_builds"))
+    parser.add_argument("--bits", action="store_true", help="compare outputs bit for bit instead of timing")
     args = parser.parse_args()
 
     import gala_kernels
@@ -88,13 +171,21 @@ def main() -> None:
     for index, commit in enumerate(args.commits):
         namespace = f"gala_{index}"
         torch.ops.load_library(str(build_commit(commit, namespace, Path(args.build_root))))
-        ops.register_fused_ce(f"{namespace}::fused_ce_fwd")
-        ops_by_name[commit] = getattr(torch.ops, namespace).fused_ce_fwd
+        op = getattr(torch.ops, namespace).fused_ce_fwd
         # the one-call CPU step (c6ff7f6 on), or None for a build from before it
-        step_ops_by_name[commit] = getattr(getattr(torch.ops, namespace), "fused_ce_step_cpu_", None)
+        step_op = getattr(getattr(torch.ops, namespace), "fused_ce_step_cpu_", None)
+        if takes_options(op):
+            ops.register_fused_ce(f"{namespace}::fused_ce_fwd")
+        else:  # eager calls need no registered autograd (ops.call_fused_ce)
+            op = fused_ce_adapter(op)
+            step_op = None if step_op is None else step_adapter(step_op)
+        ops_by_name[commit], step_ops_by_name[commit] = op, step_op
     working_tree = backends.fused_ce_op
     ops_by_name["working tree"] = working_tree("cpu")
     step_ops_by_name["working tree"] = getattr(torch.ops.gala, "fused_ce_step_cpu_", None)
+    if args.bits:
+        compare_bits(ops_by_name)
+        return
     one_call_rule, one_call_op = loss_module._one_call_cpu_step, loss_module._cpu_step_op
 
     def use_build(name):
@@ -169,9 +260,9 @@ def main() -> None:
         cells = []
         for name, values in samples.items():
             median = statistics.median(values) * 1e3
-            ratio = statistics.median([a / b for a, b in zip(values, samples[first])])
-            cells.append(f"{name} {median:.3f} ms ({ratio:.3f}x of {first})")
-        print(f"run {run + 1}: " + "; ".join(cells))
+            cells.append(f"{name} {median:.3f} ms ({ratio_summary(values, samples[first])} of {first})")
+        print(f"run {run + 1} ({args.rounds} rounds; ratio: median [20th-80th percentile] of per-round "
+              "ratios): " + "; ".join(cells))
     del gala_kernels
 
 

@@ -555,6 +555,87 @@ void row_pass2(RowWorkspace<scalar_t>& r, int64_t b_end, int64_t C, at::opmath_t
   finish_pass2_blocks(r, b_end, w);
 }
 
+// Sets up pass 2 of a row whose pass 1 is done (m, S: its reference and sum). e[y] is set to 0 and
+// its block's sum redone (from L2, once per row), so the sums run over j != y exactly (no
+// 1 - p[y] cancellation); grad[y] is patched at the end (finish_pass2_blocks).
+template <typename scalar_t>
+void set_up_pass2(RowWorkspace<scalar_t>& cur, int64_t C, int64_t y, at::opmath_type<scalar_t> m, double S) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  acc_t* e = cur.exp_row.data();
+  const int64_t block_y = y / kBlock;
+  cur.m = m;
+  cur.S = S;
+  cur.y = y;
+  cur.p_y = static_cast<acc_t>(e[y] * std::exp(static_cast<double>(cur.block_ref[block_y]) - m) / S);
+  e[y] = 0;
+  const int64_t start = block_y * kBlock, n = std::min(kBlock, C - start);
+  Vec vsum(0);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    vsum = vsum + Vec::loadu(e + start + j, std::min<int64_t>(Vec::size(), n - j));
+  }
+  cur.block_sum[block_y] = vec_sum(vsum);
+  cur.next_block = 0;
+  cur.sum_other = 0;
+}
+
+// The first exp reference of a row: max of a = z + bias over its first vector (k columns).
+template <typename scalar_t>
+at::opmath_type<scalar_t> first_reference(const scalar_t* z, const at::opmath_type<scalar_t>* bias, int64_t k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  acc_t m = static_cast<acc_t>(z[0]) + (bias ? bias[0] : acc_t(0));
+  for (int64_t j = 1; j < k; ++j) m = std::max(m, static_cast<acc_t>(z[j]) + (bias ? bias[j] : acc_t(0)));
+  return m;
+}
+
+// warm_tlb for each 4 KB page of the `bytes` bytes of logits from `offset` (bytes into the row).
+inline void warm_pages(const PrefetchStream& pf, int64_t offset, int64_t bytes) {
+  for (int64_t page = 0; page < bytes; page += 4096) warm_tlb(pf, offset + page);
+}
+
+// Pass 1 of block b (columns start .. start + n - 1) of the current row: e = exp(a - ref) into
+// cur's scratch row, with the block's sums; ref = the row's reference m, or, when exp_block finds
+// m too low (a block max more than kMaxAboveReference above it, or on AVX-512 a block sum past
+// kBlockSumLimit), the block's own max, the block then swept again from L1. On AVX-512 with fp32
+// math, pass 2 of the previous row's block b runs in the same loop (exp_block_with_pass2).
+// Returns the block's sums (finite = false: the block holds a non-finite a) and sets *ref.
+template <typename scalar_t>
+BlockSums<at::opmath_type<scalar_t>> sweep_block(const scalar_t* z, const at::opmath_type<scalar_t>* bias,
+                                                 int64_t b, int64_t n, at::opmath_type<scalar_t> m,
+                                                 at::opmath_type<scalar_t> w, const PrefetchStream& pf,
+                                                 RowWorkspace<scalar_t>& cur, RowWorkspace<scalar_t>& prev,
+                                                 float* cls_neg_acc, at::opmath_type<scalar_t>* ref) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t start = b * kBlock;
+  const int64_t prefetch_from = start * int64_t(sizeof(scalar_t));
+  const acc_t* bias_b = bias ? bias + start : nullptr;
+  acc_t* e = cur.exp_row.data() + start;
+  *ref = m;
+  BlockSums<acc_t> sums;
+  bool swept = false;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (prev.grad_row && prev.next_block == b) {  // with the previous row's pass 2 of block b
+      const auto [s, sw] = block_scale(prev, b, w);
+      sums = exp_block_with_pass2<scalar_t>(z + start, bias_b, n, m, e, pf, prefetch_from,
+                                            prev.exp_row.data() + start, s, sw, prev.grad_row + start,
+                                            cls_neg_acc ? cls_neg_acc + start : nullptr);
+      finish_pass2_blocks(prev, b + 1, w);
+      swept = true;
+    }
+  }
+#endif
+  if (!swept) {
+    const acc_t* x = block_in_acc_type(z + start, e, n);
+    sums = exp_block<scalar_t>(x, bias_b, n, m, e, pf, prefetch_from);
+  }
+  if (!sums.finite || !sums.reference_too_low) return sums;
+  // rare: redo the block with its own max as the reference
+  const acc_t* x = block_in_acc_type(z + start, e, n);  // e has overwritten the converted block
+  *ref = block_max(x, bias_b, n);
+  return exp_block<scalar_t>(x, bias_b, n, *ref, e, pf, -1);  // finite: the block was
+}
+
 // Pass 1 of one non-ignored row into `cur`, running pass 2 of the previous row (`prev`, if
 // pending) block by block alongside, so that the gradient stores of one row overlap the logit
 // loads and the exp work of the next instead of coming as a burst of their own. Measured
@@ -572,62 +653,26 @@ bool row_pass1(const scalar_t* z, const at::opmath_type<scalar_t>* bias, int64_t
                double* loss) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
-  acc_t* e = cur.exp_row.data();
-  const int64_t block_y = y / kBlock;
 
   // 1. One sweep per block, a = z + bias read once: e = exp(a - r) into the scratch row, with
   //    the block's sum (the mass kernel's scheme). The reference r starts as the max of the
-  //    row's first vector and only moves up, when exp_block finds it too low (a block's max more
-  //    than kMaxAboveReference above it, or on AVX-512 a block sum past kBlockSumLimit; the block
-  //    is then recomputed, from L1, with r = its max); so exp never overflows, and the separate
-  //    max sweep (with its store and reload of a) is not needed.
+  //    row's first vector and only moves up, when a block needs it (sweep_block); so exp never
+  //    overflows, and the separate max sweep (with its store and reload of a) is not needed.
   //    (m, S) <- (r, S * exp(m - r) + bs) when r moves, else S += bs * exp(r - m):
   //    S = sum_j exp(a[j] - m), m = the last reference (m <= max(a) < m + 60 + log(kBlock)).
   // Within a block the sums run in the math dtype (at most kBlock / kVec adds per lane); across
   // blocks they run in double, so a row of a million classes keeps fp32-level accuracy.
   // A row is finite iff every a is (exp_block's check; a non-finite first reference means the
   // same).
-  acc_t m = 0;
+  acc_t m = first_reference(z, bias, std::min<int64_t>(Vec::size(), C));
+  if (!std::isfinite(m)) return false;
   double S = 0;
   for (int64_t start = 0, b = 0; start < C; start += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - start);
-    const acc_t* bias_b = bias ? bias + start : nullptr;
-    for (int64_t page = 0; page < n * int64_t(sizeof(scalar_t)); page += 4096) {  // each page of the block
-      warm_tlb(pf, start * int64_t(sizeof(scalar_t)) + page);
-    }
-    if (b == 0) {  // the first reference: max of a over the row's first vector
-      const int64_t k = std::min<int64_t>(Vec::size(), n);
-      m = static_cast<acc_t>(z[0]) + (bias ? bias[0] : acc_t(0));
-      for (int64_t j = 1; j < k; ++j) m = std::max(m, static_cast<acc_t>(z[j]) + (bias ? bias[j] : acc_t(0)));
-      if (!std::isfinite(m)) return false;
-    }
-    acc_t ref = m;
-    BlockSums<acc_t> sums;
-    const acc_t* x = nullptr;  // the block in acc_t, when converted (exp_block path)
-    bool prev_block_done = false;  // pass 2 of the previous row's block b ran in the same loop
-#if defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      if (prev.grad_row && prev.next_block == b) {
-        const auto [s, sw] = block_scale(prev, b, w);
-        sums = exp_block_with_pass2<scalar_t>(z + start, bias_b, n, ref, e + start, pf,
-                                              start * int64_t(sizeof(scalar_t)), prev.exp_row.data() + start, s,
-                                              sw, prev.grad_row + start, cls_neg_acc ? cls_neg_acc + start : nullptr);
-        finish_pass2_blocks(prev, b + 1, w);
-        prev_block_done = true;
-      }
-    }
-#endif
-    if (!prev_block_done) {
-      x = block_in_acc_type(z + start, e + start, n);
-      sums = exp_block<scalar_t>(x, bias_b, n, ref, e + start, pf, start * int64_t(sizeof(scalar_t)));
-    }
+    warm_pages(pf, start * int64_t(sizeof(scalar_t)), n * int64_t(sizeof(scalar_t)));
+    acc_t ref;
+    const BlockSums<acc_t> sums = sweep_block(z, bias, b, n, m, w, pf, cur, prev, cls_neg_acc, &ref);
     if (!sums.finite) return false;
-    if (sums.reference_too_low) {  // rare: redo the block with its own max as the reference
-      x = block_in_acc_type(z + start, e + start, n);  // e has overwritten the converted block
-      ref = block_max(x, bias_b, n);
-      sums = exp_block<scalar_t>(x, bias_b, n, ref, e + start, pf, -1);
-      if (!sums.finite) return false;  // cannot happen (the block was finite): kept as a guard
-    }
     cur.block_ref[b] = ref;
     cur.block_sum[b] = sums.sum;
     if (ref > m) {
@@ -638,27 +683,11 @@ bool row_pass1(const scalar_t* z, const at::opmath_type<scalar_t>* bias, int64_t
     }
     row_pass2(prev, b + 1, C, w, cls_neg_acc, grad_block);  // the previous row's block b
   }
+  // loss_i = lse - a[y]
   const double lse = m + std::log(S);
   const double a_y = static_cast<double>(static_cast<acc_t>(z[y]) + (bias ? bias[y] : acc_t(0)));
   *loss = lse - a_y;
-
-  // 2. Set up pass 2. e[y] is set to 0 and its block's sum redone (from L2, once per row), so
-  //    the sums run over j != y exactly (no 1 - p[y] cancellation); grad[y] is patched at the end.
-  cur.m = m;
-  cur.S = S;
-  cur.y = y;
-  cur.p_y = static_cast<acc_t>(e[y] * std::exp(static_cast<double>(cur.block_ref[block_y]) - m) / S);
-  e[y] = 0;
-  {
-    const int64_t start = block_y * kBlock, n = std::min(kBlock, C - start);
-    Vec vsum(0);
-    for (int64_t j = 0; j < n; j += Vec::size()) {
-      vsum = vsum + Vec::loadu(e + start + j, std::min<int64_t>(Vec::size(), n - j));
-    }
-    cur.block_sum[block_y] = vec_sum(vsum);
-  }
-  cur.next_block = 0;
-  cur.sum_other = 0;
+  set_up_pass2(cur, C, y, m, S);
   return true;
 }
 
@@ -686,14 +715,92 @@ void pairwise_pass(const GalaCeParams& p, const std::vector<double>& row_lse,
   });
 }
 
+// What the rows of a call leave for the statistics, by row.
+struct RowRecords {
+  std::vector<double> sum_other;   // sum_{j != y} p[j]
+  std::vector<double> lse;         // logsumexp(a), for the pairwise pass
+  std::vector<uint8_t> used;       // non-ignored and finite: counted in the statistics
+  std::vector<uint8_t> nonfinite;  // non-ignored with a non-finite logit
+  explicit RowRecords(int64_t B) : sum_other(B, 0.0), lse(B, 0.0), used(B, 0), nonfinite(B, 0) {}
+};
+
+// Rows r0 .. r1 - 1 in order, two in flight: pass 1 of row i runs with pass 2 of the previous row
+// (row_pass1). Writes their loss and gradient rows, adds p[j] (j != y) into cls_neg_acc when given.
 template <typename scalar_t>
-void gala_ce_forward_typed(const GalaCeParams& p) {
+void run_rows(const GalaCeParams& p, int64_t r0, int64_t r1, RowWorkspace<scalar_t>*& cur,
+              RowWorkspace<scalar_t>*& prev, float* cls_neg_acc, at::opmath_type<scalar_t>* grad_block,
+              RowRecords& records) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto* logits = static_cast<const scalar_t*>(p.logits);
   auto* grad = static_cast<scalar_t*>(p.grad);
+  const auto* bias = static_cast<const acc_t*>(p.class_bias);
+  const int64_t C = p.num_classes;
+  const acc_t w = static_cast<acc_t>(p.row_weight);
+  constexpr int64_t kAllBlocks = std::numeric_limits<int64_t>::max();
+  for (int64_t i = r0; i < r1; ++i) {
+    const scalar_t* z = logits + i * p.logits_row_stride;
+    scalar_t* g = grad + i * C;
+    const int64_t y = p.labels[i];
+    if (y == p.ignore_index) {
+      fill_row(g, C, 0.0);
+      p.loss_rows[i] = 0.0;
+      continue;
+    }
+    PrefetchStream pf;
+    pf.row = reinterpret_cast<uintptr_t>(z);
+    pf.row_bytes = C * int64_t(sizeof(scalar_t));
+    pf.next = i + 1 < r1 ? reinterpret_cast<uintptr_t>(z + p.logits_row_stride) : 0;
+    double loss = 0.0;
+    if (row_pass1<scalar_t>(z, bias, C, y, w, pf, *cur, *prev, cls_neg_acc, grad_block, &loss)) {
+      row_pass2(*prev, kAllBlocks, C, w, cls_neg_acc, grad_block);
+      cur->grad_row = g;
+      cur->sum_other_out = &records.sum_other[i];
+      p.loss_rows[i] = loss;
+      records.lse[i] = loss + (static_cast<double>(z[y]) + (bias ? static_cast<double>(bias[y]) : 0.0));
+      records.used[i] = 1;
+      std::swap(cur, prev);
+    } else {  // a non-finite logit: NaN loss and gradient, no statistics
+      row_pass2(*prev, kAllBlocks, C, w, cls_neg_acc, grad_block);
+      fill_row(g, C, std::numeric_limits<double>::quiet_NaN());
+      p.loss_rows[i] = std::numeric_limits<double>::quiet_NaN();
+      records.nonfinite[i] = 1;
+    }
+  }
+  row_pass2(*prev, kAllBlocks, C, w, cls_neg_acc, grad_block);
+}
+
+// The raw statistics from the rows' records and the chunks' cls_neg accumulators (cls_stride
+// floats apart), in a fixed order (deterministic):
+//   raw_pos[y] += sum_{j != y} p[j],  raw_neg[y] += the same  (a serial scatter over B rows)
+//   raw_clsneg[j] = sum over chunks of cls_neg_acc[j]
+template <typename scalar_t>
+void sum_statistics(const GalaCeParams& p, const RowRecords& records, const float* cls_neg_chunks,
+                    int64_t num_chunks, int64_t cls_stride) {
+  const int64_t B = p.batch, C = p.num_classes;
+  float* raw_pos = p.raw_stats;
+  float* raw_neg = p.raw_stats + C;
+  float* raw_cls_neg = p.raw_stats + 2 * C;
+  for (int64_t i = 0; i < B; ++i) {
+    if (!records.used[i]) continue;
+    raw_pos[p.labels[i]] += static_cast<float>(records.sum_other[i]);
+    raw_neg[p.labels[i]] += static_cast<float>(records.sum_other[i]);
+  }
+  at::parallel_for(0, C, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+      const float* src = cls_neg_chunks + chunk * cls_stride;
+      for (int64_t j = j0; j < j1; ++j) raw_cls_neg[j] += src[j];
+    }
+  });
+  if (p.raw_pairwise) {
+    pairwise_pass<scalar_t>(p, records.lse, records.used, static_cast<const at::opmath_type<scalar_t>*>(p.class_bias));
+  }
+}
+
+template <typename scalar_t>
+void gala_ce_forward_typed(const GalaCeParams& p) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = p.batch, C = p.num_classes;
   const bool stats = p.raw_stats != nullptr;
-  const auto* bias = static_cast<const acc_t*>(p.class_bias);
 
   // Rows are split into a fixed number of contiguous chunks (one per thread), so the
   // per-chunk cls_neg accumulators and their final sum are deterministic.
@@ -702,12 +809,9 @@ void gala_ce_forward_typed(const GalaCeParams& p) {
   // 16 floats).
   const int64_t cls_stride = (C + 15) / 16 * 16;
   CacheLineAlignedArray<float> cls_neg_chunks(stats ? num_chunks * cls_stride : 0);
-  std::vector<double> row_sum_other(B, 0.0), row_lse(B, 0.0);
-  std::vector<uint8_t> row_used(B, 0), row_nonfinite(B, 0);
-  const acc_t w = static_cast<acc_t>(p.row_weight);
+  RowRecords records(B);
 
   at::parallel_for(0, num_chunks, 1, [&](int64_t c0, int64_t c1) {
-    // Two rows in flight: pass 1 of row i runs with pass 2 of the previous row (row_pass1).
     RowWorkspace<scalar_t> ws_a(C), ws_b(C);
     RowWorkspace<scalar_t>* cur = &ws_a;
     RowWorkspace<scalar_t>* prev = &ws_b;
@@ -715,36 +819,7 @@ void gala_ce_forward_typed(const GalaCeParams& p) {
     for (int64_t chunk = c0; chunk < c1; ++chunk) {
       const int64_t r0 = chunk * B / num_chunks, r1 = (chunk + 1) * B / num_chunks;
       float* cls_neg_acc = stats ? cls_neg_chunks.data() + chunk * cls_stride : nullptr;
-      for (int64_t i = r0; i < r1; ++i) {
-        const scalar_t* z = logits + i * p.logits_row_stride;
-        scalar_t* g = grad + i * C;
-        const int64_t y = p.labels[i];
-        if (y == p.ignore_index) {
-          fill_row(g, C, 0.0);
-          p.loss_rows[i] = 0.0;
-          continue;
-        }
-        PrefetchStream pf;
-        pf.row = reinterpret_cast<uintptr_t>(z);
-        pf.row_bytes = C * int64_t(sizeof(scalar_t));
-        pf.next = i + 1 < r1 ? reinterpret_cast<uintptr_t>(z + p.logits_row_stride) : 0;
-        double loss = 0.0;
-        if (row_pass1<scalar_t>(z, bias, C, y, w, pf, *cur, *prev, cls_neg_acc, grad_block.data(), &loss)) {
-          row_pass2(*prev, std::numeric_limits<int64_t>::max(), C, w, cls_neg_acc, grad_block.data());
-          cur->grad_row = g;
-          cur->sum_other_out = &row_sum_other[i];
-          p.loss_rows[i] = loss;
-          row_lse[i] = loss + (static_cast<double>(z[y]) + (bias ? static_cast<double>(bias[y]) : 0.0));
-          row_used[i] = 1;
-          std::swap(cur, prev);
-        } else {  // a non-finite logit: NaN loss and gradient, no statistics
-          row_pass2(*prev, std::numeric_limits<int64_t>::max(), C, w, cls_neg_acc, grad_block.data());
-          fill_row(g, C, std::numeric_limits<double>::quiet_NaN());
-          p.loss_rows[i] = std::numeric_limits<double>::quiet_NaN();
-          row_nonfinite[i] = 1;
-        }
-      }
-      row_pass2(*prev, std::numeric_limits<int64_t>::max(), C, w, cls_neg_acc, grad_block.data());
+      run_rows(p, r0, r1, cur, prev, cls_neg_acc, grad_block.data(), records);
     }
 #if defined(CPU_CAPABILITY_AVX512)
     _mm_sfence();  // the streaming gradient stores are weakly ordered: complete them before the join
@@ -752,26 +827,9 @@ void gala_ce_forward_typed(const GalaCeParams& p) {
   });
 
   int64_t nonfinite = 0;
-  for (int64_t i = 0; i < B; ++i) nonfinite += row_nonfinite[i];
+  for (int64_t i = 0; i < B; ++i) nonfinite += records.nonfinite[i];
   *p.nonfinite_rows = nonfinite;
-  if (!stats) return;
-
-  // raw_pos[y] and raw_neg[y]: a serial scatter over B rows (fixed order, deterministic).
-  float* raw_pos = p.raw_stats;
-  float* raw_neg = p.raw_stats + C;
-  float* raw_cls_neg = p.raw_stats + 2 * C;
-  for (int64_t i = 0; i < B; ++i) {
-    if (!row_used[i]) continue;
-    raw_pos[p.labels[i]] += static_cast<float>(row_sum_other[i]);
-    raw_neg[p.labels[i]] += static_cast<float>(row_sum_other[i]);
-  }
-  at::parallel_for(0, C, 4096, [&](int64_t j0, int64_t j1) {
-    for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-      const float* src = cls_neg_chunks.data() + chunk * cls_stride;
-      for (int64_t j = j0; j < j1; ++j) raw_cls_neg[j] += src[j];
-    }
-  });
-  if (p.raw_pairwise) pairwise_pass<scalar_t>(p, row_lse, row_used, bias);
+  if (stats) sum_statistics<scalar_t>(p, records, cls_neg_chunks.data(), num_chunks, cls_stride);
 }
 
 }  // namespace
