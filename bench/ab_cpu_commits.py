@@ -95,8 +95,8 @@ def step_adapter(op):
     def call(logits, labels, weight, stats, running, steps, nonfinite_rows, lambda1, eps, ignore_index,
              reduction, label_smoothing, mode):
         assert weight is None and label_smoothing == 0.0, "this build has no weight / label_smoothing"
-        return op(logits, labels, stats, running, steps, nonfinite_rows, lambda1, eps, ignore_index, reduction,
-                  mode)
+        return op(logits, labels, stats, running, steps, nonfinite_rows, lambda1, eps, ignore_index,
+                  reduction, mode)
     return call
 
 
