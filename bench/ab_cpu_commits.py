@@ -159,9 +159,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--runs", type=int, default=3, help="independent runs (each: warm-up, then rounds)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--build-root", default=os.path.join(tempfile.gettempdir(), "gala_ab_builds"))
     parser.add_argument("--bits", action="store_true", help="compare outputs bit for bit instead of timing")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import gala_kernels
     from gala_kernels import GALAState, backends, fused_gala_ce, ops
@@ -237,7 +240,7 @@ def main() -> None:
         return time.perf_counter() - started
 
     print(f"{B} x {C} {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f}")
     first = args.commits[0]
     for run in range(args.runs):
         steps = {name: gala_step(name, GALAState(C)) for name in ops_by_name}
