@@ -255,43 +255,46 @@ inline Vec smoothed_gradient(const Vec& e, const Vec& sw, const Vec& k, const ty
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// The same on 16 fp32 lanes, for the AVX-512 loops: a full vector, or the lanes of `mask`.
+// The same on 16 fp32 lanes for the AVX-512 loops, given the lanes' class weights w (weights16:
+// loaded once per vector, for both rows of exp_block_with_pass2; unused unless kWeighted).
 template <Smoothing kSmooth>
-inline __m512 add_smoothing_term(__m512 acc, __m512 d, const float* wt, int64_t j) {
+inline __m512 weights16(const float* wt, int64_t j) {
+  if constexpr (kSmooth == Smoothing::kWeighted) return _mm512_loadu_ps(wt + j);
+  return _mm512_setzero_ps();
+}
+
+template <Smoothing kSmooth>
+inline __m512 weights16(const float* wt, int64_t j, __mmask16 mask) {
+  if constexpr (kSmooth == Smoothing::kWeighted) return _mm512_maskz_loadu_ps(mask, wt + j);
+  return _mm512_setzero_ps();
+}
+
+template <Smoothing kSmooth>
+inline __m512 add_smoothing_term(__m512 acc, __m512 d, __m512 w) {
   if constexpr (kSmooth == Smoothing::kUniform) return _mm512_add_ps(acc, d);
-  if constexpr (kSmooth == Smoothing::kWeighted) return _mm512_fmadd_ps(_mm512_loadu_ps(wt + j), d, acc);
+  if constexpr (kSmooth == Smoothing::kWeighted) return _mm512_fmadd_ps(w, d, acc);
   return acc;
 }
 
 template <Smoothing kSmooth>
-inline __m512 add_smoothing_term(__m512 acc, __m512 d, const float* wt, int64_t j, __mmask16 mask) {
+inline __m512 add_smoothing_term(__m512 acc, __m512 d, __m512 w, __mmask16 mask) {
   if constexpr (kSmooth == Smoothing::kUniform) return _mm512_mask_add_ps(acc, mask, acc, d);
-  if constexpr (kSmooth == Smoothing::kWeighted) {
-    return _mm512_mask3_fmadd_ps(_mm512_maskz_loadu_ps(mask, wt + j), d, acc, mask);
-  }
+  if constexpr (kSmooth == Smoothing::kWeighted) return _mm512_mask3_fmadd_ps(w, d, acc, mask);
   return acc;
 }
 
 template <Smoothing kSmooth>
-inline __m512 smoothed_gradient(__m512 e, __m512 sw, __m512 k, const float* wt, int64_t j) {
+inline __m512 smoothed_gradient(__m512 e, __m512 sw, __m512 k, __m512 w) {
   if constexpr (kSmooth == Smoothing::kUniform) return _mm512_fmsub_ps(e, sw, k);
-  if constexpr (kSmooth == Smoothing::kWeighted) return _mm512_fnmadd_ps(_mm512_loadu_ps(wt + j), k, _mm512_mul_ps(e, sw));
-  return _mm512_mul_ps(e, sw);
-}
-
-template <Smoothing kSmooth>
-inline __m512 smoothed_gradient(__m512 e, __m512 sw, __m512 k, const float* wt, int64_t j, __mmask16 mask) {
-  if constexpr (kSmooth == Smoothing::kUniform) return _mm512_fmsub_ps(e, sw, k);
-  if constexpr (kSmooth == Smoothing::kWeighted) {
-    return _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(mask, wt + j), k, _mm512_mul_ps(e, sw));
-  }
+  if constexpr (kSmooth == Smoothing::kWeighted) return _mm512_fnmadd_ps(w, k, _mm512_mul_ps(e, sw));
   return _mm512_mul_ps(e, sw);
 }
 #endif
 
 // One sweep over a block of n columns: a = x + bias, e = exp(a - ref) (x may alias e), with the
-// sum of e, whether every a is finite, and with smoothing T = sum_j wt[j] * (a[j] - ref). While it runs, prefetches the logits kPrefetchAhead
-// bytes ahead of the block (prefetch_from: the block's byte offset in the row; -1: no prefetch).
+// sum of e, whether every a is finite, and with smoothing T = sum_j wt[j] * (a[j] - ref). While
+// it runs, prefetches the logits kPrefetchAhead bytes ahead of the block (prefetch_from: the
+// block's byte offset in the row; -1: no prefetch).
 // Two implementations:
 // Both test finiteness with fin = fma(a, 0, fin), which stays 0 while a is finite and turns NaN
 // at the first NaN / +-inf (0 * inf = NaN): one instruction per vector, exact.
@@ -322,7 +325,7 @@ BlockSums<acc_t> exp_block(const acc_t* x, const acc_t* bias, const acc_t* wt, i
       const __m512 ex = exp_of_difference(d);
       _mm512_storeu_ps(e + j, ex);
       vsum = _mm512_add_ps(vsum, ex);
-      vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, wt, j);
+      vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, weights16<kSmooth>(wt, j));
     }
     if (j < n) {  // masked loads fill the pad lanes with 0: finite, and left out of the sums
       const __mmask16 mask = static_cast<__mmask16>((1u << (n - j)) - 1);
@@ -333,7 +336,7 @@ BlockSums<acc_t> exp_block(const acc_t* x, const acc_t* bias, const acc_t* wt, i
       const __m512 ex = exp_of_difference(d);
       _mm512_mask_storeu_ps(e + j, mask, ex);
       vsum = _mm512_mask_add_ps(vsum, mask, vsum, ex);
-      vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, wt, j, mask);
+      vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, weights16<kSmooth>(wt, j, mask), mask);
     }
     const float sum = _mm512_reduce_add_ps(vsum);
     const float smooth = kSmooth == Smoothing::kNone ? 0.0f : _mm512_reduce_add_ps(vsmooth);
@@ -424,7 +427,8 @@ void grad_block_stream(const float* e, int64_t n, float s, float sw, const float
   auto masked = [&](int64_t j, int64_t count) {
     const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1);
     const __m512 ev = _mm512_maskz_loadu_ps(mask, e + j);
-    _mm512_mask_storeu_ps(g + j, mask, smoothed_gradient<kSmooth>(ev, vsw, vk, wt, j, mask));
+    const __m512 w = weights16<kSmooth>(wt, j, mask);
+    _mm512_mask_storeu_ps(g + j, mask, smoothed_gradient<kSmooth>(ev, vsw, vk, w));
     if (cls) _mm512_mask_storeu_ps(cls + j, mask, _mm512_fmadd_ps(ev, vs, _mm512_maskz_loadu_ps(mask, cls + j)));
   };
   const int64_t head = std::min<int64_t>(n, ((64 - (reinterpret_cast<uintptr_t>(g) & 63)) & 63) / 4);
@@ -432,7 +436,7 @@ void grad_block_stream(const float* e, int64_t n, float s, float sw, const float
   int64_t j = head;
   for (; j + 16 <= n; j += 16) {
     const __m512 ev = _mm512_loadu_ps(e + j);
-    _mm512_stream_ps(g + j, smoothed_gradient<kSmooth>(ev, vsw, vk, wt, j));
+    _mm512_stream_ps(g + j, smoothed_gradient<kSmooth>(ev, vsw, vk, weights16<kSmooth>(wt, j)));
     if (cls) _mm512_storeu_ps(cls + j, _mm512_fmadd_ps(ev, vs, _mm512_loadu_ps(cls + j)));
   }
   if (j < n) masked(j, n - j);
@@ -566,9 +570,10 @@ BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, cons
     const __m512 ex = exp_of_difference(d);
     _mm512_mask_storeu_ps(e + j, mask, ex);
     vsum = _mm512_mask_add_ps(vsum, mask, vsum, ex);
-    vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, wt, j, mask);
+    const __m512 w = weights16<kSmooth>(wt, j, mask);
+    vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, w, mask);
     const __m512 ep = _mm512_maskz_loadu_ps(mask, e_prev + j);
-    Lanes::store(g + j, mask, smoothed_gradient<kSmooth>(ep, vsw, vk, wt, j, mask));
+    Lanes::store(g + j, mask, smoothed_gradient<kSmooth>(ep, vsw, vk, w));
     if (cls) _mm512_mask_storeu_ps(cls + j, mask, _mm512_fmadd_ps(ep, vs, _mm512_maskz_loadu_ps(mask, cls + j)));
   };
   // 16 columns: the new row's exp, and the old row's gradient (returned, not stored) and cls_neg.
@@ -581,10 +586,11 @@ BlockSums<float> exp_block_with_pass2(const scalar_t* z, const float* bias, cons
     const __m512 ex = exp_of_difference(d);
     _mm512_storeu_ps(e + j, ex);
     vsum = _mm512_add_ps(vsum, ex);
-    vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, wt, j);
+    const __m512 w = weights16<kSmooth>(wt, j);
+    vsmooth = add_smoothing_term<kSmooth>(vsmooth, d, w);
     const __m512 ep = _mm512_loadu_ps(e_prev + j);
     if (cls) _mm512_storeu_ps(cls + j, _mm512_fmadd_ps(ep, vs, _mm512_loadu_ps(cls + j)));
-    return smoothed_gradient<kSmooth>(ep, vsw, vk, wt, j);
+    return smoothed_gradient<kSmooth>(ep, vsw, vk, w);
   };
   int64_t j = 0;
   if (cls != nullptr) {  // column-aligned
