@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import functools
 import io
+import itertools
 import os
 import random
 import re
@@ -100,8 +101,9 @@ def step_adapter(op):
     return call
 
 
-def bit_cases():
-    """(name, fused_ce_fwd arguments) of the plain call over odd shapes and every path of the kernel."""
+def bit_cases(with_options: bool):
+    """(name, fused_ce_fwd arguments) over odd shapes and every path of the kernel: the plain call,
+    and with ``with_options`` class weights (some 0) and label smoothing too."""
     generator = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -114,20 +116,26 @@ def bit_cases():
                 logits[7, C // 2] = float("inf")
                 logits[2, 0] += 90.0  # a new exp reference
             bias = torch.randn(C, generator=generator, dtype=math_dtype)
-            for reduction in (0, 1, 2):
+            weight = torch.rand(C, generator=generator, dtype=math_dtype) + 0.1
+            weight[::3] = 0.0
+            option_sets = [(None, 0.0)]
+            if with_options:
+                option_sets += [(weight, 0.0), (None, 0.1), (weight, 0.3)]
+            for (class_weight, smoothing), reduction in itertools.product(option_sets, (0, 1, 2)):
                 for stats, pairwise in ((False, False), (True, False), (True, True)):
                     if pairwise and C > 2049:
                         continue
-                    name = f"{dtype} {B}x{C} reduction={reduction} stats={stats} pairwise={pairwise}"
-                    yield name, (logits, labels, bias if stats else None, None, -100, reduction, 0.0, stats,
-                                 pairwise)
+                    name = (f"{dtype} {B}x{C} reduction={reduction} stats={stats} pairwise={pairwise} "
+                            f"weight={class_weight is not None} label_smoothing={smoothing}")
+                    yield name, (logits, labels, bias if stats else None, class_weight, -100, reduction,
+                                 smoothing, stats, pairwise)
 
 
-def compare_bits(ops_by_name) -> None:
+def compare_bits(ops_by_name, with_options: bool) -> None:
     names = list(ops_by_name)
     different = {name: 0 for name in names[1:]}
     count = 0
-    for case, args in bit_cases():
+    for case, args in bit_cases(with_options):
         count += 1
         outputs = {name: op(*args) for name, op in ops_by_name.items()}
         for name in names[1:]:
@@ -162,6 +170,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--build-root", default=os.path.join(tempfile.gettempdir(), "gala_ab_builds"))
     parser.add_argument("--bits", action="store_true", help="compare outputs bit for bit instead of timing")
+    parser.add_argument("--weight", action="store_true",
+                        help="steps with random class weights (builds without the option are left out)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -179,6 +190,9 @@ def main() -> None:
         step_op = getattr(getattr(torch.ops, namespace), "fused_ce_step_cpu_", None)
         if takes_options(op):
             ops.register_fused_ce(f"{namespace}::fused_ce_fwd")
+        elif args.weight or args.label_smoothing:
+            print(f"{commit}: left out, its ops take no weight / label_smoothing")
+            continue
         else:  # eager calls need no registered autograd (ops.call_fused_ce)
             op = fused_ce_adapter(op)
             step_op = None if step_op is None else step_adapter(step_op)
@@ -186,8 +200,9 @@ def main() -> None:
     working_tree = backends.fused_ce_op
     ops_by_name["working tree"] = working_tree("cpu")
     step_ops_by_name["working tree"] = getattr(torch.ops.gala, "fused_ce_step_cpu_", None)
-    if args.bits:
-        compare_bits(ops_by_name)
+    if args.bits:  # with the options when every build takes them
+        compare_bits(ops_by_name, with_options=all(isinstance(op, torch._ops.OpOverloadPacket)
+                                                   for op in ops_by_name.values()))
         return
     one_call_rule, one_call_op = loss_module._one_call_cpu_step, loss_module._cpu_step_op
 
@@ -214,12 +229,16 @@ def main() -> None:
         position[0] = (position[0] + 1) % len(buffers)
         return buffers[position[0]]
 
+    options = dict(label_smoothing=args.label_smoothing)
+    if args.weight:
+        options["weight"] = torch.rand(C, generator=generator) * 2 + 0.1
+
     def gala_step(name, state):
         def step():
             use_build(name)
             z = next_logits()
             started = time.perf_counter()
-            fused_gala_ce(z, labels, state, backend="cpu").backward()
+            fused_gala_ce(z, labels, state, backend="cpu", **options).backward()
             z.grad = None
             return time.perf_counter() - started
         return step
@@ -240,8 +259,10 @@ def main() -> None:
         return time.perf_counter() - started
 
     print(f"{B} x {C} {args.dtype}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f}")
-    first = args.commits[0]
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, load average {os.getloadavg()[0]:.2f}"
+          + (f", weight={args.weight}, label_smoothing={args.label_smoothing}" if len(options) > 1
+             or args.label_smoothing else ""))
+    first = next(iter(ops_by_name))
     for run in range(args.runs):
         steps = {name: gala_step(name, GALAState(C)) for name in ops_by_name}
         steps["F.cross_entropy"], steps["copy"] = ce_step, copy_step
