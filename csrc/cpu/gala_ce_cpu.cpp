@@ -4,6 +4,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -47,14 +48,18 @@ int64_t check_labels(const at::Tensor& labels, int64_t C, int64_t ignore_index) 
 }
 
 // Class weights must be non-negative (as the Python entry points check); the message names the
-// first negative entry. O(C), small beside the kernel's O(B * C).
+// first negative entry. One branch-free (vectorised) sweep over C; the entry is looked for only
+// when there is one.
 template <typename weight_t>
 void check_weight_values(const at::Tensor& weight) {
   const weight_t* wt = weight.data_ptr<weight_t>();
-  for (int64_t j = 0; j < weight.numel(); ++j) {
-    TORCH_CHECK_VALUE(!(wt[j] < 0), "weight must be non-negative, got weight[", num_str(j), "] = ",
-                      std::to_string(static_cast<double>(wt[j])));
-  }
+  const int64_t C = weight.numel();
+  bool any_negative = false;
+  for (int64_t j = 0; j < C; ++j) any_negative |= wt[j] < 0;
+  if (!any_negative) return;
+  const int64_t j = std::find_if(wt, wt + C, [](weight_t w) { return w < 0; }) - wt;
+  TORCH_CHECK_VALUE(false, "weight must be non-negative, got weight[", num_str(j), "] = ",
+                    std::to_string(static_cast<double>(wt[j])));
 }
 
 // W = sum of wt[y_i] over the non-ignored rows (labels already checked): the divisor of the mean.
