@@ -346,6 +346,20 @@ for dtype, tol in ((torch.float32, 2e-5), (torch.bfloat16, 2e-2), (torch.float64
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol, equal_nan=True)
         for a, b in zip(states[0].stat_vectors, states[1].stat_vectors):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        weight = torch.rand(C, generator=g, dtype=torch.float64) + 0.1
+        weight[::3] = 0.0
+        for options in (dict(label_smoothing=0.1), dict(weight=weight),
+                        dict(weight=weight, label_smoothing=0.3)):
+            math = torch.float64 if dtype == torch.float64 else torch.float32
+            mine = {k: v.to(math) if torch.is_tensor(v) else v for k, v in options.items()}
+            results = []
+            for backend, logits, kw in (("cpu", z, mine), ("torch", z.double(), options)):
+                logits = logits.clone().requires_grad_(True)
+                loss = gk.fused_gala_ce(logits, y, None, backend=backend, reduction="none", **kw)
+                loss.sum().backward()
+                results.append((loss.double(), logits.grad.double()))
+            for got, want in zip(*results):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True)
 print("ok", torch.backends.cpu.get_cpu_capability())
 """
 
@@ -356,7 +370,7 @@ def test_the_cpu_op_compiled_for_each_vector_isa(capability):
     """The C++ kernel is compiled for DEFAULT, AVX2 and AVX-512 and picked at run time by
     ATEN_CPU_CAPABILITY (as PyTorch's own kernels): each build against the float64 reference,
     with a -inf row, an ignored row and odd C (the AVX-512 fp32 path has its own exp and its own
-    non-finite test)."""
+    non-finite test), plain and with weight and label_smoothing."""
     import subprocess
     import sys
 
@@ -539,3 +553,151 @@ def test_states_the_one_call_cpu_step_does_not_cover_take_the_three_calls(monkey
         gk.fused_gala_ce(logits.clone().requires_grad_(True), labels, state, backend="cpu").backward()
         assert int(state.steps) == 1
     gk.fused_gala_ce(logits, labels, gk.GALAState(50), update_state=False, backend="cpu")
+
+
+# ---------------------------------------------------------------- weight and label_smoothing, the op itself
+
+
+def _class_weights(C, kind, dtype, seed=2):
+    """None, positive random weights, or the same with every third class at 0."""
+    if kind is None:
+        return None
+    weight = torch.rand(C, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 2 + 0.1
+    if kind == "with_zeros":
+        weight[::3] = 0.0
+    return weight.to(dtype)
+
+
+def reference_math_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _op_outputs(logits, labels, bias, weight, reduction, label_smoothing, pairwise):
+    return torch.ops.gala.fused_ce_fwd(logits, labels, bias, weight, -100, reduction, label_smoothing, True,
+                                       pairwise)
+
+
+@requires_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("C", [1, 2, 37, 2100, 5000])
+@pytest.mark.parametrize("weight_kind,label_smoothing", [
+    ("random", 0.0), (None, 0.1), ("with_zeros", 0.1), ("random", 1.0), (None, 1.0)])
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_the_cpu_op_with_weight_and_label_smoothing(dtype, C, weight_kind, label_smoothing, reduction):
+    """gala::fused_ce_fwd called directly with weight / label_smoothing, against the float64 oracle
+    (reference.forward_and_grad): C = 1, 2, not a power of two, larger than the kernel's
+    2048-column block, a row whose exp reference moves up in a later block; ignored and non-finite
+    rows; zero weights. The statistics are those of the plain call, bit for bit."""
+    from gala_kernels import reference
+
+    B = 23
+    math_dtype = reference.compute_dtype(dtype)
+    logits, labels = make_inputs(B, C, dtype, ignore_every=4, seed=C)
+    if C > 2048:
+        logits[1, C - 3] = 90.0  # past the first block, e^90 above its reference
+        logits[5, 2050:] += 50.0
+    logits[6, C // 2] = float("inf")
+    bias = torch.randn(C, generator=torch.Generator().manual_seed(1), dtype=math_dtype)
+    weight = _class_weights(C, weight_kind, math_dtype)
+    pairwise = C <= 2100
+    loss, grad, raw, raw_pairwise, counts = _op_outputs(logits, labels, bias, weight, reduction,
+                                                        label_smoothing, pairwise)
+    want_loss, want_grad, _ = reference.forward_and_grad(
+        logits.double(), labels, bias.double(), None, reduction=("none", "mean", "sum")[reduction],
+        ignore_index=-100, compute_stats=False, track_pairwise=False,
+        weight=None if weight is None else weight.double(), label_smoothing=label_smoothing)
+    tol = TOLERANCES[dtype]
+    assert loss.dtype == dtype and grad.dtype == dtype
+    torch.testing.assert_close(loss.double(), want_loss, equal_nan=True, **tol)
+    torch.testing.assert_close(grad.double(), want_grad, equal_nan=True, **tol)
+    assert torch.isnan(grad[6]).all() and torch.all(grad[labels == -100] == 0)
+
+    _, _, plain_raw, plain_pairwise, plain_counts = _op_outputs(logits, labels, bias, None, reduction, 0.0,
+                                                                pairwise)
+    assert torch.equal(raw, plain_raw) and torch.equal(raw_pairwise, plain_pairwise)
+    assert torch.equal(counts, plain_counts)
+
+
+@requires_cpu_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_the_cpu_op_mean_over_zero_total_weight(dtype, label_smoothing):
+    """Every non-ignored label has weight 0: the mean is NaN and so is the gradient of the
+    non-ignored rows, as in F.cross_entropy (with smoothing too, where torch's unsmoothed part is
+    0 / 0); ignored rows keep a zero gradient."""
+    B, C = 8, 12
+    logits, labels = make_inputs(B, C, dtype, seed=4)
+    labels = labels % 4
+    labels[::3] = -100
+    weight = torch.ones(C, dtype=reference_math_dtype(dtype))
+    weight[:4] = 0.0
+    loss, grad, *_ = _op_outputs(logits, labels, None, weight, 1, label_smoothing, False)
+    expected = F.cross_entropy(logits, labels, weight=weight.to(dtype), label_smoothing=label_smoothing)
+    assert torch.isnan(loss) and torch.isnan(expected)
+    assert torch.isnan(grad[labels != -100]).all() and torch.all(grad[labels == -100] == 0)
+
+
+@requires_cpu_op
+@pytest.mark.parametrize("options", [
+    dict(weight="random"), dict(label_smoothing=0.1), dict(weight="with_zeros", label_smoothing=0.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_the_one_call_cpu_step_with_options_gives_the_bits_of_its_three_calls(options, dtype, reduction):
+    """gala::fused_ce_step_cpu_ with weight / label_smoothing: the loss, gradient and state of
+    class bias, fused_ce_fwd and the fold, bit for bit."""
+    from gala_kernels import reference
+    from gala_kernels.ops import REDUCTION_CODES
+
+    C = 1000
+    weight = _class_weights(C, options.get("weight"), reference_math_dtype(dtype))
+    label_smoothing = options.get("label_smoothing", 0.0)
+    state = warmed_state(C)
+    three_call_state = copy.deepcopy(state)
+    for step in range(2):
+        logits, labels = make_inputs(37, C, dtype, ignore_every=5, seed=step)
+        logits[3, 17] = float("inf")
+        z = logits.clone().requires_grad_(True)
+        loss = gk.fused_gala_ce(z, labels, state, reduction=reduction, backend="cpu", weight=weight,
+                                label_smoothing=label_smoothing)
+        loss.sum().backward()
+
+        bias = reference.class_bias(three_call_state, 1.2, 1e-3, reference.compute_dtype(dtype))
+        expected_loss, expected_grad, raw, _, counts = torch.ops.gala.fused_ce_fwd(
+            logits, labels, bias, weight, -100, REDUCTION_CODES[reduction], label_smoothing, True, False)
+        reference.fold_increments(three_call_state, reference.StepStatistics(raw, None, counts))
+
+        exact = dict(rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(loss.detach(), expected_loss, **exact)
+        torch.testing.assert_close(z.grad, expected_grad, **exact)
+        for name, value in three_call_state.state_dict().items():
+            torch.testing.assert_close(state.state_dict()[name], value, **exact, msg=name)
+
+
+@requires_cpu_op
+def test_bad_weight_and_label_smoothing_from_the_ops_themselves():
+    """The C++ ops check weight and label_smoothing themselves (a caller need not come through
+    fused_gala_ce), naming the argument, before anything is written."""
+    logits, labels = make_inputs(4, 6, torch.float32)
+    cases = [
+        (dict(weight=torch.ones(5)), ValueError, r"weight must have shape \(C,\) = \(6,\), got \[5\]"),
+        (dict(weight=torch.ones(6, 1)), ValueError, r"weight must have shape \(C,\) = \(6,\), got \[6, 1\]"),
+        (dict(weight=torch.ones(6, dtype=torch.float64)), TypeError, "weight must be Float for Float logits"),
+        (dict(weight=torch.ones(6, dtype=torch.int64)), TypeError, "weight must be Float"),
+        (dict(weight=torch.tensor([1.0, 2.0, -0.5, 1.0, 1.0, 1.0])), ValueError,
+         r"weight must be non-negative, got weight\[2\] = -0.5"),
+        (dict(label_smoothing=-0.1), ValueError, r"label_smoothing must be in \[0, 1\]"),
+        (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\]"),
+    ]
+    state = warmed_state(6)
+    before = copy.deepcopy(state.state_dict())
+    for bad, error, message in cases:
+        options = dict(dict(weight=None, label_smoothing=0.0), **bad)
+        with pytest.raises(error, match=message):
+            torch.ops.gala.fused_ce_fwd(logits, labels, None, options["weight"], -100, 1,
+                                        options["label_smoothing"], False, False)
+        with pytest.raises(error, match=message):
+            torch.ops.gala.fused_ce_step_cpu_(logits, labels, options["weight"], state.stat_vectors,
+                                              state.running_vectors, state.steps, state.nonfinite_rows, 1.2,
+                                              1e-3, -100, 1, options["label_smoothing"], 0)
+    for name, value in state.state_dict().items():
+        assert torch.equal(value, before[name]), name

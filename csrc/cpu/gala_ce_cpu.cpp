@@ -4,6 +4,7 @@
 #include <ATen/Context.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -46,6 +47,33 @@ int64_t check_labels(const at::Tensor& labels, int64_t C, int64_t ignore_index) 
   return n_valid;
 }
 
+// Class weights must be non-negative (as the Python entry points check); the message names the
+// first negative entry. One branch-free (vectorised) sweep over C; the entry is looked for only
+// when there is one.
+template <typename weight_t>
+void check_weight_values(const at::Tensor& weight) {
+  const weight_t* wt = weight.data_ptr<weight_t>();
+  const int64_t C = weight.numel();
+  bool any_negative = false;
+  for (int64_t j = 0; j < C; ++j) any_negative |= wt[j] < 0;
+  if (!any_negative) return;
+  const int64_t j = std::find_if(wt, wt + C, [](weight_t w) { return w < 0; }) - wt;
+  TORCH_CHECK_VALUE(false, "weight must be non-negative, got weight[", num_str(j), "] = ",
+                    std::to_string(static_cast<double>(wt[j])));
+}
+
+// W = sum of wt[y_i] over the non-ignored rows (labels already checked): the divisor of the mean.
+template <typename weight_t>
+double label_weight_total(const at::Tensor& labels, const at::Tensor& weight, int64_t ignore_index) {
+  const int64_t* y = labels.data_ptr<int64_t>();
+  const weight_t* wt = weight.data_ptr<weight_t>();
+  double total = 0;
+  for (int64_t i = 0; i < labels.numel(); ++i) {
+    if (y[i] != ignore_index) total += static_cast<double>(wt[y[i]]);
+  }
+  return total;
+}
+
 // Where the gradient starts within a 4 KB page. The kernel's main loop loads row i + 1 of the
 // logits while it stores row i of the gradient. A load whose address agrees in its low 12 bits
 // with a store still in flight waits for that store ("4K aliasing"), and with the logits and the
@@ -72,14 +100,21 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
                                 int64_t reduction, double label_smoothing, bool compute_stats,
                                 bool track_pairwise) {
   check_fused_ce_args(logits_in, labels_in, class_bias, weight, reduction, label_smoothing);
-  TORCH_CHECK(!weight.has_value() && label_smoothing == 0.0,
-              "fused_ce_fwd (CPU): weight and label_smoothing are not implemented yet");
   // Rows may be strided; columns must be unit-stride for the vector loads.
   const at::Tensor logits = logits_in.stride(1) == 1 ? logits_in : logits_in.contiguous();
   const at::Tensor labels = labels_in.contiguous();
   const at::Tensor bias = class_bias.has_value() ? class_bias->contiguous() : at::Tensor();
+  const at::Tensor class_weight = weight.has_value() ? weight->contiguous() : at::Tensor();
+  const bool double_math = logits.scalar_type() == at::kDouble;
+  if (class_weight.defined()) {
+    double_math ? check_weight_values<double>(class_weight) : check_weight_values<float>(class_weight);
+  }
   const int64_t B = logits.size(0), C = logits.size(1);
   const int64_t n_valid = check_labels(labels, C, ignore_index);
+  // W, the divisor of the mean: N without weights
+  const double total_weight = !class_weight.defined() ? static_cast<double>(n_valid)
+                              : double_math ? label_weight_total<double>(labels, class_weight, ignore_index)
+                                            : label_weight_total<float>(labels, class_weight, ignore_index);
 
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor grad = empty_reusable_at_page_offset({B, C}, logits.options(), gradient_page_offset(logits));
@@ -93,6 +128,7 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
   params.logits = logits.data_ptr();
   params.labels = labels.data_ptr<int64_t>();
   params.class_bias = bias.defined() ? bias.data_ptr() : nullptr;
+  params.class_weight = class_weight.defined() ? class_weight.data_ptr() : nullptr;
   params.grad = grad.data_ptr();
   params.loss_rows = loss_rows.data_ptr<double>();
   params.raw_stats = compute_stats ? raw_stats.data_ptr<float>() : nullptr;
@@ -102,8 +138,11 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
   params.num_classes = C;
   params.logits_row_stride = logits.stride(0);
   params.ignore_index = ignore_index;
-  // w_i = 1/N for "mean" (N = 0: no row is weighted, the value is unused), 1 otherwise
-  params.row_weight = mode == Reduction::Mean ? 1.0 / static_cast<double>(std::max<int64_t>(n_valid, 1)) : 1.0;
+  // r = 1/W for "mean", 1 otherwise. W = 0: NaN gradients for the non-ignored rows, as torch
+  // (with no such row the value is unused).
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  params.row_weight = mode != Reduction::Mean ? 1.0 : total_weight > 0 ? 1.0 / total_weight : n_valid > 0 ? nan : 1.0;
+  params.label_smoothing = label_smoothing;
   params.dtype = logits.scalar_type();
   if (B > 0) select_kernel()(params);
 
@@ -114,9 +153,9 @@ FusedCeOutputs fused_ce_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
     double total = 0.0;  // a plain loop: at::sum + item cost ~12 us per call, a short step's host time
     const double* rows = loss_rows.data_ptr<double>();
     for (int64_t i = 0; i < B; ++i) total += rows[i];
-    const double value = mode == Reduction::Sum ? total
-                         : n_valid > 0          ? total / static_cast<double>(n_valid)
-                                                : std::numeric_limits<double>::quiet_NaN();
+    // the mean of torch: sum_i loss_i / W, NaN when W = 0 (also with smoothing, where the
+    // numerator need not be 0: torch's unsmoothed part is 0 / 0 then)
+    const double value = mode == Reduction::Sum ? total : total_weight > 0 ? total / total_weight : nan;
     loss = at::scalar_tensor(value, logits.options());
   }
   at::Tensor counts = at::empty({2}, logits.options().dtype(at::kLong));

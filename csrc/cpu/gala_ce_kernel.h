@@ -18,6 +18,7 @@ struct GalaCeParams {
   const int64_t* labels;     // (B,), each in [0, C) or == ignore_index (checked by the caller)
   const void* class_bias;    // (C,) lambda1 * log(pos_grad + eps) in the math dtype (float, or
                              // double for double logits), or nullptr (plain CE)
+  const void* class_weight;  // (C,) per-class weights wt >= 0 in the math dtype, or nullptr (all ones)
   void* grad;                // (B, C) contiguous, dloss/dlogits for grad_output = 1
   double* loss_rows;         // (B,) per-row loss, 0 for ignored rows, NaN for non-finite rows
   float* raw_stats;          // (3, C) raw_pos, raw_neg, raw_clsneg (zeroed), or nullptr
@@ -29,7 +30,9 @@ struct GalaCeParams {
   int64_t logits_row_stride;
   // constants
   int64_t ignore_index;
-  double row_weight;         // w_i for non-ignored rows: 1/N ("mean") or 1 ("sum", "none")
+  double row_weight;         // r for non-ignored rows: 1/W ("mean"; W = sum of wt[y_i] over them,
+                             // N without weights; NaN when W = 0 < N) or 1 ("sum", "none")
+  double label_smoothing;    // ls in [0, 1]
   c10::ScalarType dtype;
 };
 

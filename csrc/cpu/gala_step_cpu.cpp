@@ -3,8 +3,8 @@
 // sum GALAState without pairwise tracking (gala_kernels.loss.fused_gala_ce takes it when it can).
 //
 //   class_bias = lambda1 * log(pos_grad + eps)        the aten ops of reference.class_bias
-//   loss, grad, raw, _, counts = fused_ce_fwd(logits, labels, class_bias, ignore_index,
-//                                             reduction, compute_stats=True)
+//   loss, grad, raw, _, counts = fused_ce_fwd(logits, labels, class_bias, weight, ignore_index,
+//                                             reduction, label_smoothing, compute_stats=True)
 //   fold_stats_(raw, 1 / max(N, 1), [pos, neg, cls_neg], running, mode, steps, nonfinite_rows,
 //               counts[1])
 //
