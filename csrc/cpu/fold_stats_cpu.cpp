@@ -1,5 +1,5 @@
 // CPU implementation of gala::fold_stats_: a training step's raw statistics folded into a
-// GALAState in one pass (SPEC.md, "Folding the increments"), for eager CPU steps.
+// GALAState in one pass (docs/contract.md, "Folding the increments into the state"), for eager CPU steps.
 //
 //   d = raw * s                      (s = 1/N, float32 like the state)
 //   "cumulative" (mode 0):  R += d;  state += R

@@ -3,7 +3,7 @@
 // Compiled once per CPU capability; CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) is set by the
 // build and selects both the at::vec implementation and the namespace of the entry point.
 //
-// Per row i with label y (SPEC.md), class weights wt (all ones without `weight`) and label
+// Per row i with label y (docs/contract.md), class weights wt (all ones without `weight`) and label
 // smoothing ls (torch's semantics):
 //   a[j]    = z[j] + class_bias[j]              class_bias = lambda1 * log(pos_grad + eps)
 //   lse     = logsumexp(a)                      blockwise online: (m, S) rescaled per block
@@ -73,7 +73,7 @@ namespace CPU_CAPABILITY {
 namespace {
 
 // Columns per block: the unit of the reference update and of pass 2 (8 KB of fp32). 1024, 2048
-// and 4096 made no difference bench/ab_cpu_commits.py can separate (three builds of the same
+// and 4096 made no difference tools/ab_cpu_commits.py can separate (three builds of the same
 // commit spread by 10-20% there).
 constexpr int64_t kBlock = 2048;
 // How far above the reference a block's max may be before the block is recomputed with its own
@@ -583,12 +583,11 @@ class RealignedGradStream {
 // against gradient-aligned, with statistics 0.93-0.98x (fp32), 0.92-0.94x (bf16), 0.91x (fp16);
 // without them 1.07-1.20x (fp32), so that case keeps the gradient alignment. (One thread, hot
 // in L2, the kernel alone: 6.7-6.9 against 7.4-7.9 ns per 16 columns with statistics.)
-// Measured before (512 x 8,142 training step, 2 threads, 2026-11-27 15:33 UTC, versions side by
-// side in one process, a random order every round; bench/results/cpu/ab_cpu_commits.txt):
-// against commit 41d6f72, fp32 0.92-0.93x with this loop (6df8cf8) where the kernel with
-// exp_block and row_pass2 block after block took 1.05-1.07x (a48191d); bf16 and fp16, which
-// joined the loop in 96c3496 (logits converted in registers instead of into the scratch row
-// first) and write plain stores since b8ca882: 0.71-0.74x and 0.46x then (fp32 0.87-0.89x).
+// The fused two-row loop itself (512 x 8,142 training step, 2 threads, 2-core EPYC VM,
+// 2026-11-27, builds side by side in one process, a random order every round): fp32 took
+// 0.92-0.93x the time of the two-pass kernel it replaces, whose second sweep re-read the row
+// block after block (that order alone: 1.05-1.07x); bf16 and fp16, converted in registers
+// instead of into a scratch fp32 row and written with plain stores, 0.71-0.74x and 0.46x.
 // With smoothing, the new row's T (pass 1) and the old row's smoothing term (pass 2) come along;
 // both rows read the block's class weights wt (same columns).
 template <typename scalar_t, Smoothing kSmooth>

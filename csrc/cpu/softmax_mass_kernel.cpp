@@ -4,7 +4,7 @@
 // Compiled once per CPU capability; CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) is set by the
 // build and selects both the at::vec implementation and the namespace of the entry point.
 //
-// SPEC.md, "Post-hoc prediction re-balancing":
+// docs/rebalancing.md:
 //   mass[j] = sum_i softmax(z[i, :])[j]
 // This kernel returns one call's share, colsum[j] = sum_{i < B} p[i, j]; the caller adds it
 // into the running float64 mass.

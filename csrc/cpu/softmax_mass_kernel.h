@@ -1,6 +1,6 @@
 // The mass pass of post-hoc re-balancing, CPU: parameters and the per-ISA entry points.
 //
-//   colsum[j] = sum_i softmax(z[i, :])[j]      (SPEC.md "Post-hoc prediction re-balancing")
+//   colsum[j] = sum_i softmax(z[i, :])[j]      (docs/rebalancing.md)
 //
 // softmax_mass_kernel.cpp is compiled once per CPU capability (DEFAULT, AVX2, AVX512), each
 // copy in its own namespace gala::cpu::<CAPABILITY>; softmax_mass_cpu.cpp picks one at run time.
