@@ -80,7 +80,7 @@ double label_weight_total(const at::Tensor& labels, const at::Tensor& weight, in
 // gradient both at the same offset in their pages (both fresh large allocations), the next
 // logits row (C * itemsize = 32,568 bytes further for C = 8,142 fp32) trails the gradient row by
 // 200 bytes modulo 4 KB: every load hits that. Measured, the kernel alone on one thread of the
-// 2-core EPYC VM (2026-11-27), ns per 16 columns of a 8,142-class fp32 row, hot / cold, by
+// 2-core EPYC VM, ns per 16 columns of a 8,142-class fp32 row, hot / cold, by
 // (logits row i + 1 - gradient row i) mod 4096: 3,896 (the default placement) 8.4 / 10.7; 3,992
 // 12.7 / 13.7; 56 7.0 / 9.2; every tried value from 312 to 3,640: 6.2-7.3 / 8.6-9.1. So the
 // gradient is placed 2 KB before the next logits row, modulo 4 KB (for logits whose row stride is

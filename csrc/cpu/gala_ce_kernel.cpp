@@ -23,7 +23,7 @@
 // Smoothing adds one term to each sweep (Smoothing, a compile-time choice), so the plain call
 // runs the code it ran before the options existed. Smoothing with class weights reads wt, one
 // more (C,) array per row (loaded once for both rows of the fused loop): the op took 1.08-1.15x
-// the time of the plain one (512 x 8,142 fp32, 1 thread, 2-core EPYC VM, 2026-12-04); with wt
+// the time of the plain one (512 x 8,142 fp32, 1 thread, 2-core EPYC VM); with wt
 // pointed at class_bias's own lines instead (wrong values, same instructions) 1.01x, so the cost
 // is the extra cache lines, not the arithmetic. Smoothing alone and weights alone: within noise.
 //
@@ -124,7 +124,7 @@ class PagePlacedArray {
 // new one, so a load never trails a recent store by less than that:
 //   class_bias 3072 (as it is), exp rows 0 and 2048, cls_neg 1024, class weights (copied) 2560
 // Left to the heap, the offsets changed from process to process, and so did the time. The op
-// alone, 512 x 8,142 fp32, 1 thread, 2-core EPYC VM, 2026-12-04, 10th percentiles of 300 calls in
+// alone, 512 x 8,142 fp32, 1 thread, 2-core EPYC VM, 10th percentiles of 300 calls in
 // separate processes: 2.37-2.58 ms with the heap's placement; the two exp rows at the same page
 // offset 2.67 ms, 2,048 bytes apart 2.37 ms. Side by side in one process against the heap-placed
 // build (medians of 200 per-call ratios): median 0.99x over 10 processes, 0.92-1.04x.
@@ -207,7 +207,7 @@ struct PrefetchStream {
 
 // One demand load of the logits kTlbWarmAhead bytes ahead, per 4 KB page: it fills the TLB entry
 // of a page before the block loop's software prefetches and loads reach it (a TLB miss is dear on
-// this VM). Side by side in one process (512 x 8,142 fp32 training step, 2026-11-27), the build
+// this VM). Side by side in one process (512 x 8,142 fp32 training step), the build
 // without it took 1.07-1.08x the time of the build with it. Reading a line of the gradient ahead
 // the same way was slower (it is written by streaming stores, not read).
 constexpr int64_t kTlbWarmAhead = 32768;
@@ -486,7 +486,7 @@ void grad_block_stream(const float* e, int64_t n, float s, float sw, const float
 // converted on the way (round to nearest even, as c10::BFloat16 and c10::Half do; the gradients
 // written here are finite). write() is how a full vector of a bf16 / fp16 gradient goes out: a
 // plain store (fp32 goes by RealignedGradStream's streaming stores). Measured (512 x 8,142
-// training step, versions side by side in one process, 2-core EPYC VM, 2026-11-27): bf16 plain
+// training step, versions side by side in one process, 2-core EPYC VM): bf16 plain
 // stores took 0.66-0.70x the time of 32-byte streaming stores, whole lines streamed two vectors
 // at a time 0.83x; fp16 0.67x and 0.84x (the reduced types are bound by the arithmetic, not by
 // memory); fp32 plain stores took 1.09-1.13x the time of streaming ones.
@@ -579,12 +579,12 @@ class RealignedGradStream {
 // - without (plain cross-entropy): the gradient's own line boundaries (the columns before the
 //   first one run masked), where its fp32 streaming stores need no realigning.
 // The tail runs masked. Measured (512 x 8,142, the op alone, 2 threads, 2-core EPYC VM,
-// 2026-11-27 16:47-16:57 UTC, builds side by side in one process, three runs): column-aligned
+// builds side by side in one process, three runs): column-aligned
 // against gradient-aligned, with statistics 0.93-0.98x (fp32), 0.92-0.94x (bf16), 0.91x (fp16);
 // without them 1.07-1.20x (fp32), so that case keeps the gradient alignment. (One thread, hot
 // in L2, the kernel alone: 6.7-6.9 against 7.4-7.9 ns per 16 columns with statistics.)
 // The fused two-row loop itself (512 x 8,142 training step, 2 threads, 2-core EPYC VM,
-// 2026-11-27, builds side by side in one process, a random order every round): fp32 took
+// builds side by side in one process, a random order every round): fp32 took
 // 0.92-0.93x the time of the two-pass kernel it replaces, whose second sweep re-read the row
 // block after block (that order alone: 1.05-1.07x); bf16 and fp16, converted in registers
 // instead of into a scratch fp32 row and written with plain stores, 0.71-0.74x and 0.46x.

@@ -3,7 +3,7 @@
 // Why: torch's CPU allocator passes every block to glibc malloc. A freed block of 16 MB either
 // goes back to the kernel (munmap, or a trim of the heap top) or stays, depending on what else
 // the process allocated; when it went back, the next step's gradient is faulted in page by page,
-// and each fault zeroes 4 KB. Measured on the project's 2-core EPYC VM (2026-11-27, 512 x 8,142
+// and each fault zeroes 4 KB. Measured on the project's 2-core EPYC VM (512 x 8,142
 // fp32, the fused step alone in a loop): 590-609 page faults per step and 3.0-3.6 ms per step,
 // against 0 faults and 2.0-2.6 ms with glibc's trimming turned off (MALLOC_TRIM_THRESHOLD_).
 // Kept here instead: at most kMaxCachedBlocks freed blocks of at least kMinCachedBytes, reused
