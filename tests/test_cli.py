@@ -68,6 +68,12 @@ def test_bench_without_a_sub_benchmark_runs_step_quick(tmp_path):
         else:
             assert record["status"] in ("skipped", "failed") and record["reason"], record
     assert records["fused_triton"]["status"] == "skipped"  # never the interpreter on CPU, outside --dry-run
+    if importlib.util.find_spec("triton") is not None:
+        # the modelled traffic of the skipped Triton row is there all the same, in the file and the table
+        triton = records["fused_triton"]
+        assert triton["model_logit_reads"] == pytest.approx(1.0) and triton["model_atomics"] > 0, triton
+        row = next(line for line in markdown.splitlines() if line.startswith("| fused_gala_ce [triton] |"))
+        assert "| skipped |" in row and "| 1.00x |" in row, row
     assert records["copy_floor"]["ratio_to_copy"] == pytest.approx(1.0)
     assert records["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
     assert records["eager"]["bytes"] == 2 * batch * classes * 4

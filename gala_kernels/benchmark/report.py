@@ -3,7 +3,9 @@
 A benchmark produces *records*: flat dicts, one per (case, implementation), that go to the JSON
 file as they are. A table is a list of :class:`Column` s; each column renders one cell from a
 record, so adding a measured or derived quantity is a key in the records and one ``Column`` in
-the list. A record whose ``status`` is not ``"ok"`` is shown as ``| label | status | ... | reason |``.
+the list. A record whose ``status`` is not ``"ok"`` is shown as ``| label | status | ... | reason |``,
+its middle cells blank except the columns that do not come from running it (``without_run``, such
+as a kernel's modelled traffic, known without a GPU).
 
 Every benchmark writes ``<out>/<benchmark>_<device slug>.json`` and ``.md`` (see
 :func:`write_result`): one current file per benchmark and machine, with the machine, versions and
@@ -50,10 +52,11 @@ class Column:
     header: str
     cell: Callable[[Record], str]
     align_right: bool = True
+    without_run: bool = False  # also shown for a record that did not run (status not "ok")
 
 
-def number(header: str, key: str, digits: int = 2, suffix: str = "") -> Column:
-    return Column(header, lambda r: fmt(r.get(key), digits, suffix))
+def number(header: str, key: str, digits: int = 2, suffix: str = "", without_run: bool = False) -> Column:
+    return Column(header, lambda r: fmt(r.get(key), digits, suffix), without_run=without_run)
 
 
 def text(header: str, key: str) -> Column:
@@ -75,8 +78,8 @@ def markdown_table(records: Iterable[Record], columns: Sequence[Column], label_k
              "|" + "|".join("---:" if c.align_right else "---" for c in columns) + "|"]
     for r in records:
         if r.get("status", "ok") != "ok":
-            blanks = [""] * (len(columns) - 3)
-            cells = [str(r.get(label_key, "")), str(r["status"]), *blanks, str(r.get("reason", ""))]
+            middle = [c.cell(r) if c.without_run else "" for c in columns[2:-1]]
+            cells = [str(r.get(label_key, "")), str(r["status"]), *middle, str(r.get("reason", ""))]
         else:
             cells = [c.cell(r) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")

@@ -307,8 +307,9 @@ def run(args: argparse.Namespace) -> Dict:
             if record["implementation"] == "fused_triton" and model:  # the plain step's kernels
                 note = model.get("model_note")
                 record = {**record, **model}
-                if note:
-                    record["notes"] = "; ".join(filter(None, [record.get("notes"), note]))
+                if note:  # a skipped row shows its reason where a row that ran shows its notes
+                    key = "notes" if record.get("status") == "ok" else "reason"
+                    record[key] = "; ".join(filter(None, [record.get(key), note]))
             records.append({"device": device.type, "dtype": dtype_name, "batch": case.batch,
                             "classes": case.classes, "bytes": case.step_bytes, "grad_bytes": case.grad_bytes,
                             "buffers_rotated": len(rotation.buffers), "auto_backend": auto, **record})
