@@ -8,22 +8,21 @@ the last-level cache. Ratios are the medians of per-round ratios to the plain st
 20th and 80th percentiles; the file written starts with the machine, versions and date.
 
     python tools/options_cost_cpu.py [--batch 512 --classes 8142 --dtype float32 --rounds 200
-                                      --runs 3 --out bench/results/cpu/options_cost.txt]
+                                      --runs 3 --out options_cost.txt]
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import gala_kernels as gk
 from gala_kernels.benchmark.machine import machine_info
-from gala_kernels.benchmark.timing import Rotation, last_level_cache_bytes, quantile, rotation_count
+from gala_kernels.benchmark.rotation import Rotation, last_level_cache_bytes, rotation_count
+from gala_kernels.benchmark.timing import Budget, quantile, time_interleaved
 
 VARIANTS = {
     "plain": dict(),
@@ -61,10 +60,8 @@ def main() -> None:
 
         def step():
             z = rotation.next()
-            started = time.perf_counter()
             gk.fused_gala_ce(z, labels, state, backend="cpu", **kwargs).backward()
             z.grad = None
-            return time.perf_counter() - started
         return step
 
     info = machine_info(torch.device("cpu"))
@@ -77,20 +74,14 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for run in range(args.runs):
         steps = {name: step_of(options, gk.GALAState(C)) for name, options in VARIANTS.items()}
-        for _ in range(3):
-            for step in steps.values():
-                step()
-        samples = {name: [] for name in steps}
-        names = list(steps)
-        order = random.Random(run)
-        for _ in range(args.rounds):
-            order.shuffle(names)
-            for name in names:
-                samples[name].append(steps[name]())
+        # Every variant gets the same number of rounds, so samples_ms[k] of each is round k's call.
+        timings = time_interleaved(steps, {name: Budget.rounds(args.rounds, warmup=3) for name in steps},
+                                   torch.device("cpu"), seed=run)
+        samples = {name: timing.samples_ms for name, timing in timings.items()}
         cells = []
         for name, values in samples.items():
             ratios = sorted(a / b for a, b in zip(values, samples["plain"]))
-            median_ms = quantile(sorted(values), 0.5) * 1e3
+            median_ms = quantile(sorted(values), 0.5)
             cells.append(f"{name} {median_ms:.3f} ms ({quantile(ratios, 0.5):.3f}x "
                          f"[{quantile(ratios, 0.2):.3f}-{quantile(ratios, 0.8):.3f}])")
         lines.append(f"run {run + 1}: " + "; ".join(cells))
