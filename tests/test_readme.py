@@ -134,3 +134,33 @@ def test_pages_tell_no_development_history(page):
     for pattern, what in HISTORY:
         match = re.search(pattern, text, re.I)
         assert match is None, f"{page.name} holds {what}: {match.group(0)!r}"
+
+
+SOURCE_DIRS = ("csrc", "gala_kernels", "tools", "examples", "tests")
+SOURCE_SUFFIXES = {".py", ".cpp", ".h", ".cu", ".cuh", ".sh", ".txt", ".cmake", ".toml"}
+# a hexadecimal word not part of a number literal (1.4426950408889634f is a float, not a commit)
+COMMIT_HASH = r"(?<![\w.])(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{7,40}(?![\w.])"
+
+
+def source_files():
+    for folder in SOURCE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in SOURCE_SUFFIXES and path.is_file() and path.name != Path(__file__).name:
+                yield path
+    yield from (ROOT / name for name in ("setup.py", "CMakeLists.txt", "dev.sh", "pyproject.toml")
+                if (ROOT / name).exists())
+
+
+def test_code_tells_no_development_history():
+    """Comments and docstrings explain the code as it is: no dates (they belong to the generated
+    result files, with the machine), sessions, issue numbers or commit hashes."""
+    patterns = [(COMMIT_HASH, what) if what == "a commit hash" else (pattern, what)
+                for pattern, what in HISTORY]
+    found = []
+    for path in source_files():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            for pattern, what in patterns:
+                match = re.search(pattern, line, re.I)
+                if match:
+                    found.append(f"{path.relative_to(ROOT)}:{number} holds {what}: {match.group(0)!r}")
+    assert not found, "\n".join(found)
