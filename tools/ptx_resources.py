@@ -1,14 +1,15 @@
 """Development tool: compile the Triton GALA kernels for a GPU target without a GPU; print their resources.
 
 The real Triton compiler (not the interpreter) lowers each kernel to PTX and a cubin for the target
-(default sm_90, H100/H200); ``cuobjdump --dump-resource-usage`` (shipped with Triton) then gives
-registers per thread and stack (spill) bytes. This is how the launch rule in
-``gala_kernels/backends/triton_gala.py`` is sized, and a compile check that runs on any machine:
-it catches what the interpreter cannot (types of loop-carried values, unsupported operations,
-registers).
+(default sm_90, H100/H200); Triton's bundled ``cuobjdump`` then gives registers per thread and
+stack bytes (``--dump-resource-usage``), and the SASS, whose local-memory stores and loads
+(``STL`` / ``LDL``, counted in the code, not executed) are the register spills. This is how the
+launch rule in ``gala_kernels/backends/triton_gala.py`` is sized, and a compile check that runs
+on any machine: it catches what the interpreter cannot (types of loop-carried values,
+unsupported operations, registers, spills).
 
     python tools/ptx_resources.py                 # every kernel, the configs the rule picks
-    python tools/ptx_resources.py --quick         # one line per kernel (the test suite runs this)
+    python tools/ptx_resources.py --quick         # plain and weight+smoothing, two shapes (the tests)
 
 TRITON_INTERPRET must be unset (the interpreter replaces the compiler).
 """
@@ -59,14 +60,22 @@ def compile_kernel(fn, constexprs, *, dtype="bf16", num_warps=4, capability=90):
 
 
 def resource_usage(compiled) -> str:
-    """``REG:n STACK:m`` of the compiled cubin, from Triton's bundled cuobjdump."""
+    """``REG:n STACK:m SPILL:stores/loads`` of the compiled cubin, from Triton's bundled cuobjdump:
+    registers per thread, stack bytes, and the SASS's local-memory store and load instructions."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        out = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True)
-    match = re.search(r"REG:\d+ STACK:\d+", out.stdout)
-    return match.group(0) if match else "unknown"
+        def dump(flag):
+            return subprocess.run([cuobjdump, flag, cubin.name], capture_output=True, text=True)
+
+        usage, sass = dump("--dump-resource-usage"), dump("-sass")
+    match = re.search(r"REG:\d+ STACK:\d+", usage.stdout)
+    if not match or sass.returncode != 0:
+        return "unknown"
+    stores = len(re.findall(r"\bSTL(?:\.\w+)*\b", sass.stdout))
+    loads = len(re.findall(r"\bLDL(?:\.\w+)*\b", sass.stdout))
+    return f"{match.group(0)} SPILL:{stores}/{loads}"
 
 
 def loss_switches(config, *, training=True, weight=False, smoothing=False, reduction=1, pairwise=False):
@@ -97,7 +106,7 @@ def variants(quick: bool):
         else [(4096, 37), (4096, 1000), (512, 8142), (8192, 32768), (2048, 131072)]
     )
     options = (
-        [dict()]
+        [dict(), dict(weight=True, smoothing=True)]
         if quick
         else [
             dict(),

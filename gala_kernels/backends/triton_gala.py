@@ -60,14 +60,20 @@ BIAS_NONE, BIAS_GIVEN, BIAS_FROM_STATE = 0, 1, 2
 # --------------------------------------------------------------------------------------------------
 # 1. Launch configuration
 # --------------------------------------------------------------------------------------------------
-# Register budget (checked with the real compiler for sm_90, tools/ptx_resources.py): ~8 tile
-# elements per thread keep a 32-warp program at the 64-register cap.
+# Register budget (checked with the real compiler for sm_90: tools/ptx_resources.py prints
+# registers and spill instructions per kernel variant; docs/kernels.md has the table).
 # - rows up to MAX_SINGLE_BLOCK_C columns are held in registers as one block (one read of the
-#   logits): 8192 columns = 8 values per thread at 32 warps;
+#   logits): 8192 columns = 8 values per thread at 32 warps, the 64-register cap (the plain
+#   variants about fit it; weight, smoothing and pairwise spill a few registers);
 MAX_SINGLE_BLOCK_C = 8192
-# - longer rows are cut into slices of MULTI_BLOCK_C columns, MULTI_BLOCK_ROWS rows per tile;
+# - longer rows are cut into slices of MULTI_BLOCK_C columns, MULTI_BLOCK_ROWS rows per tile,
+#   at most MULTI_BLOCK_MAX_WARPS warps: the two-pass kernels need 89-127 registers per thread on
+#   sm_90 (bf16/fp16/fp32, with or without weight and smoothing), which 16 warps hold with no
+#   spill; at 32 warps the 64-register cap spills. One program per SM is resident either way
+#   (the register file), so the grid stays that of the tile size (programs_per_sm below);
 MULTI_BLOCK_C = 2048
 MULTI_BLOCK_ROWS = 4
+MULTI_BLOCK_MAX_WARPS = 16
 # - single-block tiles aim at TILE_ELEMENTS elements (small C: several rows per tile), at most
 #   MAX_ROWS_PER_TILE rows; one warp per ELEMENTS_PER_WARP tile elements, 4 to 32 warps.
 TILE_ELEMENTS = 8192
@@ -88,7 +94,7 @@ MAX_SLICE_BLOCK = 256
 # each row it reads and writes, 3 x for the two-pass kernels): a program serves at least
 # FIXED_TRAFFIC_SHARE x that many rows, i.e. 8 x 4 / itemsize (rows kernel) and 8 x 12 / itemsize
 # (two-pass kernels), so the fixed part is at most 1/8 of the rest. Within that, programs fill the
-# GPU: PROGRAM_WARPS_PER_SM = 64 resident warps per SM.
+# GPU: programs_per_sm = PROGRAM_WARPS_PER_SM / (tile elements / ELEMENTS_PER_WARP).
 FIXED_TRAFFIC_SHARE = 8
 PROGRAM_WARPS_PER_SM = 64
 # Under the interpreter there is no GPU: the grid is sized as on an H200 (132 SMs), so that the
@@ -117,8 +123,9 @@ def choose_config(B: int, C: int) -> KernelConfig:
         single = True
     else:
         block_c, rows, single = MULTI_BLOCK_C, min(MULTI_BLOCK_ROWS, _next_pow2(max(B, 1))), False
-    num_warps = max(4, min(32, (rows * block_c) // ELEMENTS_PER_WARP))
-    return KernelConfig(block_c, rows, num_warps, single, max(1, PROGRAM_WARPS_PER_SM // num_warps))
+    tile_warps = max(4, min(32, (rows * block_c) // ELEMENTS_PER_WARP))
+    num_warps = tile_warps if single else min(tile_warps, MULTI_BLOCK_MAX_WARPS)
+    return KernelConfig(block_c, rows, num_warps, single, max(1, PROGRAM_WARPS_PER_SM // tile_warps))
 
 
 @functools.cache
