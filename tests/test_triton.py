@@ -421,11 +421,8 @@ def test_block_size_rule():
     assert triton_gala.choose_config(3, 10).rows_per_tile <= 4  # never more rows per tile than B
 
 
-def test_compiles_for_sm90_without_a_gpu():
-    """The real Triton compiler (not the interpreter) lowers the kernels for sm_90: catches what the
-    interpreter cannot (types of loop-carried values, registers). The two-pass kernels of long rows
-    spill no register (no local-memory instruction at all), with or without weight and smoothing;
-    the others keep their stack small."""
+def _ptx_resources(*args):
+    """``(kernel, registers, stack, spill stores, spill loads)`` rows of tools/ptx_resources.py."""
     import os
     import re
     import subprocess
@@ -436,8 +433,8 @@ def test_compiles_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(repo) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(repo / "tools" / "ptx_resources.py"), "--quick"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(repo / "tools" / "ptx_resources.py"), "--quick", *args],
+                          env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and "nvidia" in proc.stderr.lower() and "backend" in proc.stderr.lower():
         pytest.skip(f"Triton's NVIDIA backend is unavailable: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -445,10 +442,26 @@ def test_compiles_for_sm90_without_a_gpu():
     # (rows, partials, columns) x (plain, weight + smoothing), then count, fold, scale
     assert len(usages) == 9, proc.stdout
     assert [kernel for kernel, *_ in usages].count("gala_ce_columns_kernel") == 2, proc.stdout
+    return [(kernel, *map(int, numbers)) for kernel, *numbers in usages], proc.stdout
+
+
+def test_compiles_for_sm90_without_a_gpu():
+    """The real Triton compiler (not the interpreter) lowers the kernels for sm_90: catches what the
+    interpreter cannot (types of loop-carried values, registers). The two-pass kernels of long rows
+    spill no register (no local-memory instruction at all), with or without weight and smoothing;
+    the others keep their stack small."""
+    usages, report = _ptx_resources()
     for kernel, registers, stack, stores, loads in usages:
         if kernel in ("gala_ce_partials_kernel", "gala_ce_columns_kernel"):
-            assert (int(stores), int(loads)) == (0, 0), proc.stdout
-        assert int(stack) <= 128 and int(registers) <= 255, proc.stdout
+            assert (stores, loads) == (0, 0), report
+        assert stack <= 128 and registers <= 255, report
+
+
+@pytest.mark.parametrize("capability", [80, 100])
+def test_compiles_for_other_architectures(capability):
+    """A100 (sm_80) and B200 (sm_100): every kernel compiles (spills are tuned on sm_90)."""
+    usages, report = _ptx_resources("--capability", str(capability))
+    assert all(stack <= 256 for _kernel, _registers, stack, _stores, _loads in usages), report
 
 
 # ------------------------------------------------------------------------------------------------
