@@ -10,6 +10,8 @@ unsupported operations, registers, spills).
 
     python tools/ptx_resources.py                 # every kernel, the configs the rule picks
     python tools/ptx_resources.py --quick         # plain and weight+smoothing, two shapes (the tests)
+    python tools/ptx_resources.py --dtype bf16 fp32 --out bench/results
+                                                  # also ptx_resources_sm90_<machine>.md / .json
 
 TRITON_INTERPRET must be unset (the interpreter replaces the compiler).
 """
@@ -22,13 +24,16 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from gala_kernels.backends import triton_ce_kernels as kernels
 from gala_kernels.backends import triton_gala
+from gala_kernels.benchmark import machine, report
 
 # pointer arguments of the kernels that are not float32, by name ({dtype} = the logits dtype)
 POINTER_TYPES = {
@@ -180,18 +185,42 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few variants only")
     parser.add_argument("--capability", type=int, default=90)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--dtype", nargs="+", default=["bf16"], choices=["bf16", "fp16", "fp32"],
+                        help="logits dtypes, one column each")
+    parser.add_argument("--out", help="also write the table as a result file under this folder")
     args = parser.parse_args(argv)
     if triton_gala.triton_interpret_enabled():
         print("TRITON_INTERPRET is set: unset it to run the compiler", file=sys.stderr)
         return 2
-    print(f"| kernel | variant | sm_{args.capability} usage ({args.dtype}) |")
-    print("|---|---|---|")
+    started = time.time()
+    meta = machine.machine_info(torch.device("cpu"))
+    target = f"sm_{args.capability}"
+    header = "| kernel | variant | " + " | ".join(f"{target} usage ({dtype})" for dtype in args.dtype) + " |"
+    lines = [header, "|---|---|" + "---|" * len(args.dtype)]
+    print("\n".join(lines), flush=True)
+    records = []
     for label, fn, constexprs, num_warps in variants(args.quick):
-        compiled = compile_kernel(
-            fn, constexprs, dtype=args.dtype, num_warps=num_warps, capability=args.capability
-        )
-        print(f"| {fn.__name__} | {label} | {resource_usage(compiled)} |", flush=True)
+        usages = {
+            dtype: resource_usage(compile_kernel(fn, constexprs, dtype=dtype, num_warps=num_warps,
+                                                 capability=args.capability))
+            for dtype in args.dtype
+        }
+        records.append({"kernel": fn.__name__, "variant": label, "usage": usages})
+        lines.append(f"| {fn.__name__} | {label} | " + " | ".join(usages.values()) + " |")
+        print(lines[-1], flush=True)
+    if args.out:
+        meta.update(load_average_end=machine.load_average(), total_seconds=round(time.time() - started, 1))
+        markdown = report.document(
+            f"Triton kernels compiled for {target}: registers and spills",
+            f"Every Triton kernel of the GALA step compiled by Triton {triton.__version__} for {target} "
+            "with the real compiler (no GPU), at the launch configurations `choose_config` picks. "
+            "`REG`: registers per thread; `STACK`: stack bytes per thread; `SPILL: stores/loads`: the "
+            "local-memory store and load instructions in the SASS (counted in the code, not executed): "
+            "the register spills.",
+            meta, [("", "\n".join(lines))])
+        paths = report.write_result(args.out, f"ptx_resources_{target.replace('_', '')}", torch.device("cpu"),
+                                    markdown, {"meta": meta, "target": target, "records": records})
+        print(f"wrote {paths['md']}")
     return 0
 
 
