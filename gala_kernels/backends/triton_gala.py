@@ -61,16 +61,15 @@ BIAS_NONE, BIAS_GIVEN, BIAS_FROM_STATE = 0, 1, 2
 # 1. Launch configuration
 # --------------------------------------------------------------------------------------------------
 # Register budget (checked with the real compiler for sm_90: tools/ptx_resources.py prints
-# registers and spill instructions per kernel variant; docs/kernels.md has the table).
+# registers and spill instructions per kernel variant; docs/kernels.md, "Registers").
 # - rows up to MAX_SINGLE_BLOCK_C columns are held in registers as one block (one read of the
-#   logits): 8192 columns = 8 values per thread at 32 warps, the 64-register cap (the plain
-#   variants about fit it; weight, smoothing and pairwise spill a few registers);
+#   logits): 8192 columns = 8 values per thread at 32 warps, the 64-register cap;
 MAX_SINGLE_BLOCK_C = 8192
 # - longer rows are cut into slices of MULTI_BLOCK_C columns, MULTI_BLOCK_ROWS rows per tile,
-#   at most MULTI_BLOCK_MAX_WARPS warps: the two-pass kernels need 89-127 registers per thread on
-#   sm_90 (bf16/fp16/fp32, with or without weight and smoothing), which 16 warps hold with no
-#   spill; at 32 warps the 64-register cap spills. One program per SM is resident either way
-#   (the register file), so the grid stays that of the tile size (programs_per_sm below);
+#   at most MULTI_BLOCK_MAX_WARPS warps: the two-pass kernels need more than 64 registers per
+#   thread (they spill at 32 warps), which 16 warps hold with no spill. One program per SM is
+#   resident either way (the register file), so the grid stays that of the tile size
+#   (programs_per_sm below);
 MULTI_BLOCK_C = 2048
 MULTI_BLOCK_ROWS = 4
 MULTI_BLOCK_MAX_WARPS = 16
