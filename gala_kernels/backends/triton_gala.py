@@ -160,9 +160,9 @@ _tuned: Dict[tuple, KernelConfig] = {}
 
 def _candidates(base: KernelConfig):
     out = {base}
-    for warps in (base.num_warps // 2, base.num_warps * 2):
+    for warps in (base.num_warps // 2, base.num_warps * 2):  # the grid is the tile's (choose_config)
         if 1 <= warps <= 32:
-            out.add(replace(base, num_warps=warps, programs_per_sm=max(1, PROGRAM_WARPS_PER_SM // warps)))
+            out.add(replace(base, num_warps=warps))
     for rows in (base.rows_per_tile // 2, base.rows_per_tile * 2):
         if 1 <= rows <= MAX_ROWS_PER_TILE and rows * base.block_c <= 2 * TILE_ELEMENTS:
             out.add(replace(base, rows_per_tile=rows))
